@@ -1,0 +1,5 @@
+import sys
+
+from ib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""The `ib` command: `ib train RECIPE [key=value ...]`, `ib train --resume RUN_DIR`.
+
+Errors in the user's input (recipe, arguments, files) print one line and exit with status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ib import __version__
+from ib.errors import IBError
+
+log = logging.getLogger("ib")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, status 2
+        self.print_usage(sys.stderr)
+        _usage_exit(message)
+
+
+def _usage_exit(message: str) -> None:
+    print(f"ib: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ib.recipe import load_recipe
+    from ib.train import fit, resume_recipe
+
+    overrides: List[str] = list(args.overrides)
+    if args.resume:
+        if args.recipe is not None:  # `ib train --resume DIR epochs=N`: argparse takes epochs=N as the recipe
+            if "=" not in args.recipe:
+                _usage_exit("with --resume give no recipe: the run folder holds its own (only epochs=N may change)")
+            overrides.insert(0, args.recipe)
+        run_dir = Path(args.resume)
+        recipe = resume_recipe(run_dir, overrides)
+    else:
+        if args.recipe is None:
+            _usage_exit("give a recipe (e.g. ib train recipes/digits.yaml) or --resume RUN_DIR")
+        recipe = load_recipe(args.recipe, overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / recipe.name
+    metrics = fit(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite, stop_after=args.stop_after,
+                  handle_signals=True)
+    if metrics["status"] == "interrupted":
+        log.warning("interrupted: last.pt saved; continue with: ib train --resume %s", run_dir)
+        return EXIT_INTERRUPTED
+    if metrics["status"] == "stopped":
+        log.info("stopped after epoch %d as asked; continue with: ib train --resume %s", metrics["epochs"], run_dir)
+        return 0
+    log.info("done: test accuracy %.4f, I(X;Z) %.3f nats, %.1f s; run folder %s",
+             metrics["test_accuracy"], metrics["I_XZ_nats"] if metrics["I_XZ_nats"] is not None else float("nan"),
+             metrics["train_seconds"], run_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ib", description="Information Bottleneck classifiers with MINE-estimated I(X;Z).")
+    parser.add_argument("--version", action="version", version=f"ib {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    train = sub.add_parser("train", help="train a recipe", description="Train from a YAML recipe. Overrides "
+                           "key.sub=value beat the file; the resolved recipe is saved as RUN_DIR/recipe.yaml.")
+    train.add_argument("recipe", nargs="?", help="YAML recipe, e.g. recipes/digits.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. beta=1e-2 model.bottleneck.z_dim=64")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    train.add_argument("--run-dir", metavar="DIR", help="run folder (default: <output_dir>/<name>)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument("--stop-after", type=int, metavar="N", help="stop, resumable, after N completed epochs")
+    train.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except IBError as e:
+        print(f"ib: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ib: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

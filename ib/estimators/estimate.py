@@ -1,0 +1,76 @@
+"""`estimate_mi`: mutual information between two sample sets, with a freshly trained critic."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ib.errors import ConfigError
+from ib.estimators.base import ESTIMATORS
+
+
+def estimate_mi(
+    x: Tensor,
+    y: Tensor,
+    estimator: str = "mine",
+    *,
+    steps: int = 3000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    hidden: tuple[int, ...] = (256, 256),
+    marginals: int = 4,
+    holdout: float = 0.2,
+    permutations: int = 20,
+    seed: int = 0,
+) -> float:
+    """Estimate I(X;Y) in nats from paired samples.
+
+    A joint critic (ReLU MLP on concat(x, y), no noise layers) is trained for `steps` minibatch steps with Adam and
+    a cosine-decaying learning rate on the first `1 - holdout` of the samples; the reported value is the
+    Donsker-Varadhan bound of that critic on the held-out rest, with marginal pairs from `permutations` shuffles.
+    Holding out keeps a critic that memorised its training pairs from inflating the number (on 20-d Gaussians
+    at 2 nats the in-sample bound reads about 0.2 nats higher than the held-out one).
+
+    Args:
+        x: samples [N, dx]. y: samples [N, dy], paired row by row with x.
+        estimator: registry name ("mine", "mine_f").
+        steps: critic updates.
+        batch_size: samples per update.
+        lr: Adam learning rate of the critic.
+        hidden: critic widths.
+        marginals: shuffled pairings per sample in each training step (see MIEstimator).
+        holdout: share of samples kept for the reported estimate (0 reports on the training samples).
+        permutations: marginal pairings per held-out sample.
+        seed: seeds the critic, the batches and the shuffles; the global RNG is left as it was.
+
+    Returns:
+        The estimate in nats.
+    """
+    from ib.models.critics import CRITICS
+
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ConfigError(f"x and y must be [N, dx] and [N, dy] with the same N, got {tuple(x.shape)}, {tuple(y.shape)}")
+    if not 0.0 <= holdout < 1.0:
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+    n = x.shape[0]
+    n_train = n - int(round(holdout * n))
+    if n_train < 2 or steps < 1 or batch_size < 2:
+        raise ConfigError(f"need at least 2 training samples, steps >= 1 and batch_size >= 2 (N={n}, steps={steps})")
+    x, y = x.float(), y.float()
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=g).to(x.device)
+        train, test = perm[:n_train], perm[n_train:] if n_train < n else perm
+        critic = CRITICS.create("joint", (x.shape[1],), y.shape[1], hidden=tuple(hidden), activation="relu",
+                                input_noise=0.0, hidden_noise=0.0)
+        est = ESTIMATORS.create(estimator, critic, marginals=marginals).to(x.device)
+        opt = torch.optim.Adam(est.parameters(), lr=lr)
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        b = min(batch_size, n_train)
+        for _ in range(steps):
+            idx = train[torch.randint(0, n_train, (b,), generator=g).to(x.device)]
+            opt.zero_grad(set_to_none=True)
+            est.loss(x[idx], y[idx]).backward()
+            opt.step()
+            decay.step()
+        return est.estimate(x[test], y[test], permutations=permutations, generator=g)

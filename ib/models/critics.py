@@ -1,0 +1,258 @@
+"""Statistics networks T(x, z) for MINE and other variational MI bounds.
+
+A factory takes the input shape and the code width positionally and its settings by keyword, and returns a
+`Critic`. Here x is the raw [0, 1] input [B, *x_shape] and z a code [B, K].
+"""
+import math
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from ib.models.encoders import (
+    MLP,
+    Activation,
+    ConvNet,
+    _choice,
+    _image_shape,
+    _non_negative,
+    _positive_int,
+    _widths,
+    make_activation,
+)
+from ib.registry import Registry
+
+CRITICS = Registry("critic")
+
+XBranch = Literal["flatten", "conv"]
+
+
+class Critic(nn.Module):
+    """Base of the statistics networks.
+
+    A subclass implements `features` (the x branch, run once per x), `_pair` (scores of row-aligned feature/code
+    pairs) and `_all_pairs` (scores of every feature/code pair); the public methods are built on them.
+    """
+
+    def features(self, x: Tensor) -> Tensor:
+        """Features of x [B, *x_shape] -> [B, F]."""
+        raise NotImplementedError
+
+    def _pair(self, fx: Tensor, z: Tensor) -> Tensor:
+        """fx [N, F], z [N, K] -> [N]."""
+        raise NotImplementedError
+
+    def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:
+        """fx [B, F], z [M, K] -> [B, M]."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """Scores T(x_i, z_i) of the given pairs: x [B, *x_shape], z [B, K] -> [B]."""
+        return self._pair(self.features(x), z)
+
+    def scores(self, x: Tensor, z: Tensor) -> Tensor:
+        """T(x_i, z_j) for all pairs, [B, B]; row i is x_i, so the diagonal holds the joint pairs."""
+        return self._all_pairs(self.features(x), z)
+
+    def pair_scores(self, x: Tensor, z: Tensor, z_shuffled: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores of the joint pairs (x_i, z_i), [B], and of shuffled pairs (x_i, z_shuffled_{p*B+i}), [P*B].
+
+        `z_shuffled` stacks P shufflings of z ([P*B, K]; usually P = 1). One forward pass on the (P+1)*B pairs;
+        the features of x are computed once and reused for every pairing.
+        """
+        b = x.shape[0]
+        p = z_shuffled.shape[0] // b
+        fx = self.features(x)  # [B, F]
+        t = self._pair(fx.repeat(p + 1, 1), torch.cat([z, z_shuffled]))  # [(P+1)*B]
+        return t[:b], t[b:]
+
+
+class JointCritic(Critic):
+    """T(x, z) = MLP(concat(features(x), z)), with Gaussian noise on the MLP's input and after each hidden layer.
+
+    This is the statistics network of the public MINE-IB ports (noise 0.3 on the input, 0.5 after each ELU layer).
+    The noise is active only in training mode.
+
+    Args:
+        x_branch: Module computing features [B, F] of x.
+        x_features: Width F of those features.
+        z_dim: Width K of the code.
+        hidden: Widths of the hidden layers (at least one).
+        activation: Activation of the hidden layers.
+        input_noise: Std of the noise added to concat(features(x), z).
+        hidden_noise: Std of the noise added after each hidden activation.
+    """
+
+    def __init__(
+        self,
+        x_branch: nn.Module,
+        x_features: int,
+        z_dim: int,
+        hidden: tuple[int, ...],
+        activation: str,
+        input_noise: float,
+        hidden_noise: float,
+    ) -> None:
+        super().__init__()
+        self.x_branch = x_branch
+        self.x_features = x_features
+        self.input_noise = input_noise
+        self.hidden_noise = hidden_noise
+        widths = (x_features + z_dim, *hidden)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.acts = nn.ModuleList(make_activation(activation) for _ in hidden)
+        self.out = nn.Linear(hidden[-1], 1)
+
+    def _noise(self, h: Tensor, std: float) -> Tensor:
+        if self.training and std > 0:
+            return h + std * torch.randn_like(h)
+        return h
+
+    def _from_first(self, h: Tensor) -> Tensor:
+        """Scores [...] from the pre-activation [..., H1] of the first hidden layer."""
+        h = self._noise(self.acts[0](h), self.hidden_noise)
+        for layer, act in zip(self.layers[1:], self.acts[1:]):
+            h = self._noise(act(layer(h)), self.hidden_noise)
+        return self.out(h).squeeze(-1)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.x_branch(x)  # [B, F]
+
+    def _pair(self, fx: Tensor, z: Tensor) -> Tensor:
+        inputs = self._noise(torch.cat([fx, z], dim=-1), self.input_noise)  # [N, F + K]
+        return self._from_first(self.layers[0](inputs))
+
+    def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:
+        # Cost: the MLP runs on all B * M pairs, so memory and time grow as B^2; fine for batches of a few
+        # hundred. Without input noise the first layer splits as W_x fx_i + W_z z_j + b, which avoids building the
+        # [B, M, F + K] input; with input noise each pair needs its own noise, so the pairs are tiled.
+        b, m = fx.shape[0], z.shape[0]
+        first = self.layers[0]
+        if self.training and self.input_noise > 0:
+            pairs = torch.cat([fx.unsqueeze(1).expand(b, m, -1), z.unsqueeze(0).expand(b, m, -1)], dim=-1)
+            return self._from_first(first(self._noise(pairs, self.input_noise)))  # [B, M]
+        w_x, w_z = first.weight[:, : self.x_features], first.weight[:, self.x_features :]  # [H1, F], [H1, K]
+        h = (fx @ w_x.T).unsqueeze(1) + (z @ w_z.T + first.bias).unsqueeze(0)  # [B, M, H1]
+        return self._from_first(h)
+
+
+class SeparableCritic(Critic):
+    """T(x, z) = <g(x), h(z)> with two MLP embeddings, so all B x B scores cost one matmul.
+
+    Args:
+        x_branch: Module computing features [B, F] of x.
+        x_features: Width F of those features.
+        z_dim: Width K of the code.
+        hidden: Hidden widths of both embeddings.
+        embed_dim: Width of the embeddings.
+        activation: Activation of the hidden layers.
+    """
+
+    def __init__(
+        self,
+        x_branch: nn.Module,
+        x_features: int,
+        z_dim: int,
+        hidden: tuple[int, ...],
+        embed_dim: int,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        self.x_branch = x_branch
+        self.g = MLP(x_features, hidden, activation, out_features=embed_dim)
+        self.h = MLP(z_dim, hidden, activation, out_features=embed_dim)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.g(self.x_branch(x))  # [B, D]
+
+    def _pair(self, fx: Tensor, z: Tensor) -> Tensor:
+        return (fx * self.h(z)).sum(-1)  # [N]
+
+    def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:
+        return fx @ self.h(z).T  # [B, M]
+
+
+def _x_branch(
+    x_shape: tuple[int, ...], kind: str, channels: tuple[int, ...], features: int, activation: str
+) -> tuple[nn.Module, int]:
+    """The x branch and its width: the flattened input, or a conv net (conv3x3-act-pool stages, Linear, act)."""
+    if kind == "flatten":
+        return nn.Flatten(), math.prod(x_shape)
+    net = ConvNet(_image_shape("x_branch 'conv'", x_shape), channels, features, activation)
+    return net, net.out_features
+
+
+def _check_branch(
+    x_branch: str, x_channels: tuple[int, ...], x_features: int, activation: str
+) -> tuple[int, ...]:
+    _choice("x_branch", x_branch, get_args(XBranch))
+    _choice("activation", activation, get_args(Activation))
+    _positive_int("x_features", x_features)
+    return _widths("x_channels", x_channels)
+
+
+@CRITICS.register()
+def joint(
+    x_shape: tuple[int, ...],
+    z_dim: int,
+    /,
+    *,
+    hidden: tuple[int, ...] = (512, 512),
+    activation: Activation = "elu",
+    input_noise: float = 0.3,
+    hidden_noise: float = 0.5,
+    x_branch: XBranch = "flatten",
+    x_channels: tuple[int, ...] = (32, 64),
+    x_features: int = 128,
+) -> Critic:
+    """Statistics network on concat(x, z), with Gaussian noise on its input and hidden layers in training.
+
+    Args:
+        x_shape: Shape of one input x.
+        z_dim: Width K of the code.
+        hidden: Widths of the hidden layers (at least one).
+        activation: Activation of the hidden layers (and of the conv branch).
+        input_noise: Std of the noise on the concatenated input.
+        hidden_noise: Std of the noise after each hidden layer.
+        x_branch: "flatten" feeds the raw pixels; "conv" (for images such as CIFAR) feeds conv-net features.
+        x_channels: Channels of the conv branch's stages.
+        x_features: Width of the conv branch's output.
+    """
+    hidden = _widths("hidden", hidden, allow_empty=False)
+    x_channels = _check_branch(x_branch, x_channels, x_features, activation)
+    input_noise = _non_negative("input_noise", input_noise)
+    hidden_noise = _non_negative("hidden_noise", hidden_noise)
+    branch, width = _x_branch(x_shape, x_branch, x_channels, x_features, activation)
+    return JointCritic(branch, width, z_dim, hidden, activation, input_noise, hidden_noise)
+
+
+@CRITICS.register()
+def separable(
+    x_shape: tuple[int, ...],
+    z_dim: int,
+    /,
+    *,
+    hidden: tuple[int, ...] = (256,),
+    embed_dim: int = 64,
+    activation: Activation = "elu",
+    x_branch: XBranch = "flatten",
+    x_channels: tuple[int, ...] = (32, 64),
+    x_features: int = 128,
+) -> Critic:
+    """Separable critic T(x, z) = <g(x), h(z)>.
+
+    Args:
+        x_shape: Shape of one input x.
+        z_dim: Width K of the code.
+        hidden: Hidden widths of both embeddings g and h.
+        embed_dim: Width of the embeddings.
+        activation: Activation of the hidden layers (and of the conv branch).
+        x_branch: "flatten" feeds the raw pixels to g; "conv" feeds conv-net features.
+        x_channels: Channels of the conv branch's stages.
+        x_features: Width of the conv branch's output.
+    """
+    hidden = _widths("hidden", hidden)
+    _positive_int("embed_dim", embed_dim)
+    x_channels = _check_branch(x_branch, x_channels, x_features, activation)
+    branch, width = _x_branch(x_shape, x_branch, x_channels, x_features, activation)
+    return SeparableCritic(branch, width, z_dim, hidden, embed_dim, activation)

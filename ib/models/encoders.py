@@ -1,0 +1,256 @@
+"""Encoders: networks mapping inputs [B, *in_shape] to features [B, out_features].
+
+A factory takes the input shape positionally (the library supplies it) and its settings by keyword (a recipe sets
+them); the module it returns has an ``out_features`` attribute that bottleneck heads size themselves from. The
+small validation helpers here are shared by the sibling modules of ``ib.models``.
+"""
+import math
+from typing import Any, Collection, Literal, Optional, Sequence, get_args
+
+from torch import Tensor, nn
+
+from ib.errors import ConfigError
+from ib.registry import Registry
+
+ENCODERS = Registry("encoder")
+
+Activation = Literal["relu", "elu", "gelu", "tanh"]
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module for one of the names in `Activation`."""
+    return _ACTIVATIONS[_choice("activation", name, get_args(Activation))]()
+
+
+# Validation: one-line ConfigErrors naming the parameter, the bad value and what is allowed.
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _widths(name: str, value: Any, allow_empty: bool = True) -> tuple[int, ...]:
+    """Checks a sequence of layer widths (a YAML list arrives as a list; it is returned as a tuple)."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str)
+    ok = ok and all(not isinstance(w, bool) and isinstance(w, int) and w > 0 for w in value)
+    if not ok or (not allow_empty and len(value) == 0):
+        allowed = "a non-empty sequence of positive widths" if not allow_empty else "positive widths"
+        shown = tuple(value) if isinstance(value, list) else value
+        raise ConfigError(f"{name} must be {allowed}, got {shown!r}")
+    return tuple(value)
+
+
+def _choice(name: str, value: Any, choices: Collection[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, sorted(choices)))}, got {value!r}")
+    return value
+
+
+def _image_shape(who: str, in_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(in_shape) != 3:
+        raise ConfigError(f"{who} needs an image input shape (C, H, W), got {tuple(in_shape)!r}")
+    c, h, w = in_shape
+    return c, h, w
+
+
+class MLP(nn.Sequential):
+    """Linear layers, each followed by an activation, then an optional last Linear without one.
+
+    Args:
+        in_features: Input width.
+        hidden: Widths of the activated layers; empty for none.
+        activation: Name of the activation.
+        out_features: Width of a last, linear layer; None for no such layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        activation: str = "relu",
+        out_features: Optional[int] = None,
+    ) -> None:
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), make_activation(activation)]
+            width = h
+        if out_features is not None:
+            layers.append(nn.Linear(width, out_features))
+            width = out_features
+        super().__init__(*layers)
+        self.out_features = width
+
+
+class MLPEncoder(nn.Module):
+    """Flattens the input and applies an `MLP`: the 784-1024-1024 ReLU encoder of the MNIST experiments."""
+
+    def __init__(self, in_shape: Sequence[int], hidden: Sequence[int], activation: str) -> None:
+        super().__init__()
+        self.net = MLP(math.prod(in_shape), hidden, activation)
+        self.out_features = self.net.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))  # [B, out_features]
+
+
+class ConvNet(nn.Module):
+    """Stages of conv3x3-activation-maxpool, then flatten -> Linear -> activation.
+
+    A stage pools only while the feature map is at least 2x2, so the same settings fit 8x8, 28x28 and 32x32 images.
+
+    Args:
+        in_shape: (C, H, W) of the input.
+        channels: Output channels of each stage.
+        hidden: Width of the final Linear layer, which is `out_features`.
+        activation: Name of the activation.
+    """
+
+    def __init__(self, in_shape: Sequence[int], channels: Sequence[int], hidden: int, activation: str) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for out_channels in channels:
+            layers += [nn.Conv2d(c, out_channels, 3, padding=1), make_activation(activation)]
+            if min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            c = out_channels
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * h * w, hidden)
+        self.act = make_activation(activation)
+        self.out_features = hidden
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.fc(self.features(x).flatten(1)))  # [B, hidden]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-18 with the CIFAR stem: a stride-1 3x3 convolution and no max-pool, then global average pooling.
+
+    Args:
+        in_channels: Channels of the input image.
+        width: Channels of the first stage; the stages have width * (1, 2, 4, 8) and `out_features` = 8 * width.
+        blocks: BasicBlocks per stage.
+    """
+
+    def __init__(self, in_channels: int, width: int = 64, blocks: Sequence[int] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        in_planes = width
+        for i, n in enumerate(blocks):
+            planes, stride = width * 2**i, 1 if i == 0 else 2
+            stage = [BasicBlock(in_planes, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*stage))
+            in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = in_planes
+        # Initialisation as in torchvision's ResNet.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.stages(self.stem(x))).flatten(1)  # [B, 8 * width]
+
+
+@ENCODERS.register()
+def mlp(
+    in_shape: tuple[int, ...],
+    /,
+    *,
+    hidden: tuple[int, ...] = (1024, 1024),
+    activation: Activation = "relu",
+) -> nn.Module:
+    """Flatten, then Linear + activation per hidden width (the MNIST setup is 784-1024-1024 ReLU).
+
+    Args:
+        in_shape: Shape of one input, without the batch dimension.
+        hidden: Widths of the layers; empty for the flattened input itself.
+        activation: Activation after each layer.
+    """
+    hidden = _widths("hidden", hidden)
+    _choice("activation", activation, get_args(Activation))
+    return MLPEncoder(in_shape, hidden, activation)
+
+
+@ENCODERS.register()
+def convnet(
+    in_shape: tuple[int, ...],
+    /,
+    *,
+    channels: tuple[int, ...] = (32, 64),
+    hidden: int = 256,
+    activation: Activation = "relu",
+) -> nn.Module:
+    """A small conv net (conv3x3-act-maxpool per stage), then flatten -> Linear(hidden) -> act.
+
+    Args:
+        in_shape: (C, H, W) of one input.
+        channels: Output channels of each stage.
+        hidden: Width of the final layer.
+        activation: Activation after each convolution and the final layer.
+    """
+    shape = _image_shape("convnet", in_shape)
+    channels = _widths("channels", channels)
+    _positive_int("hidden", hidden)
+    _choice("activation", activation, get_args(Activation))
+    return ConvNet(shape, channels, hidden, activation)
+
+
+@ENCODERS.register()
+def resnet18_cifar(in_shape: tuple[int, ...], /, *, width: int = 64) -> nn.Module:
+    """ResNet-18 with the CIFAR stem; `out_features` = 8 * width.
+
+    Args:
+        in_shape: (C, H, W) of one input.
+        width: Channels of the first stage (64 in the standard network).
+    """
+    c, _, _ = _image_shape("resnet18_cifar", in_shape)
+    return ResNetCifar(c, _positive_int("width", width))

@@ -1,0 +1,61 @@
+"""The Information Bottleneck objective: loss = CE(y, decode(z)) + beta * I(X;Z), z ~ p(z|x)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ib.estimators.base import MIEstimator
+from ib.models.bottlenecks import Code
+from ib.models.classifier import IBClassifier
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off gradients for `module`'s parameters (they still pass gradients through to their inputs)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def ib_objective(
+    model: IBClassifier,
+    estimator: MIEstimator | None,
+    x: Tensor,
+    y: Tensor,
+    beta: float,
+    code: Code | None = None,
+) -> Dict[str, Tensor]:
+    """The encoder's loss on one batch, with its terms named so that logging never recomputes them.
+
+    The I(X;Z) term is the estimator's penalty (MINE: the bias-corrected DV bound). It is computed with the
+    critic frozen: the encoder minimises it, while the critic is trained only by its own optimiser to maximise it.
+    With beta == 0 the penalty is skipped (it would add nothing to the gradient).
+
+    Args:
+        model: the classifier. estimator: the I(X;Z) bound, or None for plain cross-entropy.
+        x: inputs in [0, 1] [B, C, H, W]. y: labels [B].
+        beta: weight of I(X;Z). code: a code already sampled for x (else sampled here).
+
+    Returns:
+        {"loss", "ce", "mi" (the penalty, NaN when skipped), "logits" [B, classes], "beta"}.
+    """
+    code = model.encode(x) if code is None else code
+    logits = model.decode(code.z)  # [B, classes]
+    ce = F.cross_entropy(logits, y)
+    if estimator is not None and beta > 0:
+        with frozen(estimator):
+            mi = estimator.penalty(x, code.z)
+        loss = ce + beta * mi
+    else:
+        mi = torch.full((), float("nan"), device=ce.device)
+        loss = ce
+    return {"loss": loss, "ce": ce, "mi": mi, "logits": logits, "beta": torch.tensor(beta)}

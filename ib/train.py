@@ -1,0 +1,581 @@
+"""Training: small functions with explicit arguments, and `fit`, which ties them to a run folder.
+
+One encoder step on a batch (x, y):
+  1. sample z ~ p(z|x) once;
+  2. the critic ascends the MI bound on (x, z.detach()) with its own optimiser, `critic_steps` times;
+  3. the encoder and decoder descend CE + beta * penalty(x, z), the critic frozen.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ib import __version__
+from ib.checkpoint import load_checkpoint, save_checkpoint
+from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, load_data
+from ib.errors import CheckpointError, ConfigError, IBError
+from ib.estimators import ESTIMATORS, MIEstimator
+from ib.models.classifier import IBClassifier, build_classifier
+from ib.models.critics import CRITICS
+from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
+from ib.objectives import ib_objective
+from ib.recipe import OptimConfig, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
+from ib.schedules import BetaSchedule, create_beta_schedule, create_lr_schedule, set_lr
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(IBError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps); `last.pt` holds the last good state."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def build_model(recipe: Recipe, data: DataSplits) -> IBClassifier:
+    m = recipe.model
+    return build_classifier(
+        m.encoder.name, m.encoder.options, m.bottleneck.name, m.bottleneck.options,
+        in_shape=data.in_shape, num_classes=data.num_classes, mean=data.mean, std=data.std,
+        decoder_hidden=m.decoder_hidden,
+    )
+
+
+def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MIEstimator]:
+    if not recipe.mi.enabled:
+        return None
+    critic = CRITICS.create(recipe.mi.critic.name, data.in_shape, z_dim, **recipe.mi.critic.options)
+    return ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)
+
+
+def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    opt_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return opt_cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One step, one epoch, one evaluation
+
+
+@dataclass
+class StepStats:
+    """Sums over an epoch, kept on the device so that a step never waits for the device."""
+
+    loss: Tensor
+    ce: Tensor
+    mi_bound: Tensor  # the critic's bound on its training batches
+    correct: Tensor
+    seen: int = 0
+    steps: int = 0
+    nonfinite: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "StepStats":
+        z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(), z(), z(), z())
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"loss": self.loss, "ce": self.ce, "mi_bound": self.mi_bound, "correct": self.correct,
+                "seen": self.seen, "steps": self.steps, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v.to(self.loss.device) if isinstance(v, Tensor) else v)
+
+    def summary(self, with_mi: bool) -> Dict[str, float]:
+        n = max(self.steps, 1)
+        row = {"loss/total": float(self.loss) / n, "loss/ce": float(self.ce) / n,
+               "acc/train": float(self.correct) / max(self.seen, 1)}
+        if with_mi:
+            row["mi/I_XZ_train"] = float(self.mi_bound) / n
+        return row
+
+
+def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int) -> Tensor:
+    """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached)."""
+    bound = torch.zeros(())
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = estimator.loss(x, z)
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach().neg()
+        loss.backward()
+        optimizer.step()
+        bound = loss.detach().neg()
+    return bound
+
+
+def train_step(
+    model: IBClassifier,
+    estimator: Optional[MIEstimator],
+    optimizer: torch.optim.Optimizer,
+    critic_optimizer: Optional[torch.optim.Optimizer],
+    x: Tensor,
+    y: Tensor,
+    beta: float,
+    *,
+    critic_steps: int = 1,
+    grad_clip: Optional[float] = None,
+) -> Dict[str, Tensor]:
+    """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped."""
+    code = model.encode(x)  # z [B, K], sampled once for both players
+    mi_bound = torch.full((), math.nan)
+    if estimator is not None and critic_optimizer is not None:
+        mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps)
+    out = ib_objective(model, estimator, x, y, beta, code=code)
+    optimizer.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(out["loss"]))
+    if finite:
+        out["loss"].backward()
+        if grad_clip is not None:
+            norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            finite = bool(torch.isfinite(norm))
+        else:
+            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        if finite:
+            optimizer.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+    correct = (out["logits"].detach().argmax(1) == y).sum()
+    return {"loss": out["loss"].detach(), "ce": out["ce"].detach(), "mi_bound": mi_bound.to(x.device),
+            "correct": correct, "finite": torch.tensor(finite)}
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM while training: the loop finishes its step, saves `last.pt` and returns."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def install(self) -> Any:
+        def handler(signum: int, frame: Any) -> None:
+            if self.signal is not None:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.signal = signum
+            log.warning("stopping after this step and saving last.pt (press Ctrl-C again to stop at once)")
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def train_one_epoch(
+    model: IBClassifier,
+    estimator: Optional[MIEstimator],
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    critic_optimizer: Optional[torch.optim.Optimizer],
+    beta_schedule: BetaSchedule,
+    stats: StepStats,
+    *,
+    step: int,
+    critic_steps: int,
+    grad_clip: Optional[float],
+    max_nonfinite: int,
+    log_every: int,
+    stop: Optional[StopFlag] = None,
+    desc: str = "",
+) -> int:
+    """Train over the rest of the loader's epoch (all of it, unless resumed mid-epoch). Returns the global step.
+
+    Non-finite steps are skipped and counted; `max_nonfinite` in a row raise TrainingError.
+    """
+    model.train()
+    if estimator is not None:
+        estimator.train()
+    run_of_faults = 0
+    bar = tqdm(loader, total=loader.batches_left(), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for x, y in bar:
+        beta = beta_schedule.value(step)
+        out = train_step(model, estimator, optimizer, critic_optimizer, x, y, beta,
+                         critic_steps=critic_steps, grad_clip=grad_clip)
+        step += 1
+        if bool(out["finite"]):
+            run_of_faults = 0
+            stats.loss += out["loss"]
+            stats.ce += out["ce"]
+            stats.mi_bound += out["mi_bound"].nan_to_num(0.0)
+            stats.correct += out["correct"]
+            stats.seen += y.shape[0]
+            stats.steps += 1
+        else:
+            run_of_faults += 1
+            stats.nonfinite += 1
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, run_of_faults)
+            if run_of_faults >= max_nonfinite:
+                raise TrainingError(
+                    f"{run_of_faults} consecutive non-finite steps (up to step {step}); stopping. Try a lower "
+                    f"learning rate or beta; last.pt holds the last good epoch")
+        if step % log_every == 0 and bar.disable is False:
+            bar.set_postfix(loss=f"{float(out['loss']):.4f}", beta=f"{beta:.3g}")
+        if stop:
+            break
+    bar.close()
+    return step
+
+
+def _eval_mode(*modules: Optional[nn.Module]) -> Any:
+    """Put modules in eval mode; returns a function that restores their modes."""
+    modes = [(m, m.training) for m in modules if m is not None]
+    for m, _ in modes:
+        m.eval()
+    return lambda: [m.train(flag) for m, flag in modes]
+
+
+def _rng_devices(device: torch.device) -> List[Any]:
+    return [device] if device.type == "cuda" else []
+
+
+def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: int = 0) -> Dict[str, float]:
+    """Accuracy of the mean (noise-free) code, accuracy averaged over `samples` draws of Z, and NLL.
+
+    Runs in eval mode under inference_mode with a fixed seed, leaving the global RNG as it was, so evaluation is
+    repeatable and does not change the training run.
+    """
+    restore = _eval_mode(model)
+    correct = correct_sampled = nll = torch.zeros((), dtype=torch.float64)
+    n = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        for x, y in loader:
+            p = model.predict_proba(x, samples=0)  # [B, classes]
+            correct = correct + (p.argmax(1) == y).sum().double().cpu()
+            if samples > 0:
+                p = model.predict_proba(x, samples=samples)
+                correct_sampled = correct_sampled + (p.argmax(1) == y).sum().double().cpu()
+            nll = nll + F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum").double().cpu()
+            n += y.shape[0]
+    restore()
+    if n == 0:
+        return {"acc": math.nan, "acc_sampled": math.nan, "nll": math.nan}
+    acc = float(correct) / n
+    return {"acc": acc, "acc_sampled": float(correct_sampled) / n if samples > 0 else acc, "nll": float(nll) / n}
+
+
+def heldout_mi(model: IBClassifier, estimator: MIEstimator, loader: BatchLoader, *, permutations: int,
+               seed: int = 0) -> float:
+    """The plain DV estimate of I(X;Z) on held-out data (z sampled from the encoder), in nats."""
+    restore = _eval_mode(model, estimator)
+    xs: List[Tensor] = []
+    zs: List[Tensor] = []
+    device = next(model.parameters()).device
+    with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        for x, _ in loader:
+            xs.append(x)
+            zs.append(model.encode(x, sample=True).z)
+        if not xs or sum(len(x) for x in xs) < 2:
+            restore()
+            return math.nan
+        g = torch.Generator().manual_seed(seed)
+        value = estimator.estimate(torch.cat(xs), torch.cat(zs), batch_size=loader.batch_size,
+                                   permutations=permutations, generator=g)
+    restore()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run folder
+
+
+@dataclass
+class Run:
+    """Everything `fit` trains and saves."""
+
+    recipe: Recipe
+    data: DataSplits
+    device: torch.device
+    model: IBClassifier
+    estimator: Optional[MIEstimator]
+    optimizer: torch.optim.Optimizer
+    critic_optimizer: Optional[torch.optim.Optimizer]
+    beta_schedule: BetaSchedule
+    lr_schedule: Any
+    base_lrs: List[float]
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    test_loader: BatchLoader
+    epoch: int = 0  # completed epochs
+    step: int = 0
+    stats: Optional[StepStats] = None  # sums of an epoch in progress (saved when stopped mid-epoch)
+    best: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "val_accuracy": -1.0})
+    epoch_seconds: List[float] = field(default_factory=list)
+    nonfinite_steps: int = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "ib_version": __version__,
+            "recipe": recipe_to_dict(self.recipe),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "estimator": self.estimator.state_dict() if self.estimator is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
+            "beta_schedule": self.beta_schedule.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "train_loader": self.train_loader.state_dict(),
+            "epoch_stats": self.stats.state_dict() if self.stats is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "best": dict(self.best),
+            "epoch_seconds": list(self.epoch_seconds),
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.estimator is not None:
+            self.estimator.load_state_dict(state["estimator"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.beta_schedule.load_state_dict(state["beta_schedule"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.train_loader.load_state_dict(state["train_loader"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best = dict(state["best"])
+        self.epoch_seconds = list(state["epoch_seconds"])
+        self.nonfinite_steps = state["nonfinite_steps"]
+        if state["epoch_stats"] is not None:
+            self.stats = StepStats.zeros(self.device)
+            self.stats.load_state_dict(state["epoch_stats"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def build_run(recipe: Recipe) -> Run:
+    """Load the data and build every object of a run from a checked recipe (raises ConfigError, DataError)."""
+    device = resolve_device(recipe.device)
+    torch.manual_seed(recipe.seed)
+    d = recipe.data
+    data = load_data(d.name, root=d.root, download=d.download, val_fraction=d.val_fraction, seed=recipe.seed,
+                     image_size=d.image_size)
+    if len(data.train.y) < d.batch_size:
+        raise ConfigError(f"data.batch_size={d.batch_size} is larger than the training set ({len(data.train.y)})")
+    model = build_model(recipe, data).to(device)
+    estimator = build_estimator(recipe, data, model.bottleneck.z_dim)
+    critic_optimizer = None
+    if estimator is not None:
+        estimator = estimator.to(device)
+        critic_optimizer = build_optimizer(recipe.mi.optimizer, list(estimator.parameters()))
+    optimizer = build_optimizer(recipe.optimizer, list(model.parameters()))
+    beta_schedule = create_beta_schedule(recipe.beta_schedule.name, recipe.beta, **recipe.beta_schedule.options)
+    lr_schedule = create_lr_schedule(recipe.lr_schedule.name, recipe.epochs, **recipe.lr_schedule.options)
+    augment = AUGMENTATIONS[d.augment]
+    return Run(
+        recipe=recipe, data=data, device=device, model=model, estimator=estimator, optimizer=optimizer,
+        critic_optimizer=critic_optimizer, beta_schedule=beta_schedule, lr_schedule=lr_schedule,
+        base_lrs=[g["lr"] for g in optimizer.param_groups],
+        train_loader=BatchLoader(data.train, d.batch_size, shuffle=True, drop_last=True, device=device,
+                                 augment=augment, seed=recipe.seed),
+        val_loader=BatchLoader(data.val, d.eval_batch_size, shuffle=False, drop_last=False, device=device),
+        test_loader=BatchLoader(data.test, d.eval_batch_size, shuffle=False, drop_last=False, device=device),
+    )
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to reuse a run folder unless told to overwrite it (only folders that hold a run are removed)."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run folder {run_dir} exists: resume it with --resume {run_dir}, replace it with "
+                              f"--overwrite, or pick another name=...")
+        if not (run_dir / "recipe.yaml").exists():
+            raise ConfigError(f"--overwrite: {run_dir} does not look like a run folder (no recipe.yaml); not removing it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
+
+
+def _metrics(run: Run, row: Dict[str, float], status: str, train_seconds: float) -> Dict[str, Any]:
+    samples = run.recipe.model.eval_samples
+    return {
+        "status": status,
+        "epochs": run.epoch,
+        "epochs_planned": run.recipe.epochs,
+        "steps": run.step,
+        "test_accuracy": row.get("acc/test_sampled" if samples else "acc/test", math.nan),
+        "test_accuracy_mean_code": row.get("acc/test", math.nan),
+        "test_accuracy_sampled": row.get("acc/test_sampled", math.nan) if samples else None,
+        "eval_samples": samples,
+        "val_accuracy": row.get("acc/val_sampled" if samples else "acc/val", math.nan),
+        "test_nll": row.get("loss/test_nll", math.nan),
+        "I_XZ_nats": row.get("mi/I_XZ", math.nan),
+        "beta_final": row.get("beta", math.nan),
+        "best_epoch": run.best["epoch"],
+        "best_val_accuracy": run.best["val_accuracy"],
+        "nonfinite_steps": run.nonfinite_steps,
+        "train_seconds": train_seconds,
+        "epoch_seconds": list(run.epoch_seconds),
+        "device": str(run.device),
+        "ib_version": __version__,
+    }
+
+
+def fit(
+    recipe: Recipe,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: Optional[int] = None,
+    handle_signals: bool = False,
+) -> Dict[str, Any]:
+    """Train `recipe` into `run_dir`, or continue the run there (`resume=True`, from its `last.pt`).
+
+    Every epoch writes `history.csv`, TensorBoard scalars, `last.pt` (and `best.pt` when validation accuracy
+    improves) and `metrics.json`. A checkpoint is written atomically after the epoch's logs, so a crash at any
+    point resumes from a consistent state.
+
+    Args:
+        recipe: a checked recipe (for `resume`, the one saved in the run folder, maybe with more epochs).
+        run_dir: the run folder.
+        resume: continue from `run_dir/last.pt`.
+        overwrite: replace an existing run folder.
+        stop_after: stop (checkpointed, resumable) once this many epochs are complete.
+        handle_signals: on SIGINT/SIGTERM finish the step, save `last.pt` and return (for the command line).
+
+    Returns:
+        The contents of `metrics.json`.
+    """
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "last.pt") if resume else None
+    run = build_run(recipe)
+    if state is not None:
+        try:
+            run.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{run_dir / 'last.pt'} does not match the recipe: {' '.join(str(e).split())[:300]}")
+    else:
+        prepare_run_dir(run_dir, overwrite)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+
+    loggers: List[EpochLogger] = [CSVHistory(run_dir / "history.csv", run.epoch),
+                                  TensorBoardLogger(run_dir, run.epoch)]
+    stop = StopFlag()
+    previous = stop.install() if handle_signals else {}
+    r = recipe
+    last_row: Dict[str, float] = {}
+    train_seconds = sum(run.epoch_seconds)
+    status = "running"
+    if run.epoch:
+        log.info("resuming %s at epoch %d/%d (step %d)", run_dir, run.epoch + 1, r.epochs, run.step)
+    try:
+        while run.epoch < r.epochs:
+            epoch = run.epoch + 1
+            t0 = time.perf_counter()
+            set_lr(run.optimizer, run.base_lrs, run.lr_schedule.factor(run.epoch))
+            if run.stats is None:
+                run.stats = StepStats.zeros(run.device)
+            run.step = train_one_epoch(
+                run.model, run.estimator, run.train_loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
+                run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip,
+                max_nonfinite=r.max_nonfinite_steps, log_every=r.log_every, stop=stop,
+                desc=f"epoch {epoch}/{r.epochs}",
+            )
+            if stop:  # mid-epoch: save the position so that resuming continues exactly here
+                save_checkpoint(run_dir / "last.pt", run.state_dict())
+                status = "interrupted"
+                break
+            train_time = time.perf_counter() - t0
+            row = {"beta": run.beta_schedule.value(max(run.step - 1, 0)),
+                   "lr": run.optimizer.param_groups[0]["lr"], **run.stats.summary(run.estimator is not None)}
+            run.nonfinite_steps += run.stats.nonfinite
+            t1 = time.perf_counter()
+            val = evaluate(run.model, run.val_loader, samples=r.model.eval_samples, seed=r.seed)
+            test = evaluate(run.model, run.test_loader, samples=r.model.eval_samples, seed=r.seed)
+            row.update({"acc/val": val["acc"], "acc/test": test["acc"], "loss/val_nll": val["nll"],
+                        "loss/test_nll": test["nll"]})
+            if r.model.eval_samples:
+                row.update({"acc/val_sampled": val["acc_sampled"], "acc/test_sampled": test["acc_sampled"]})
+            if run.estimator is not None:
+                held_out = run.val_loader if len(run.data.val.y) >= 2 else run.test_loader
+                row["mi/I_XZ"] = heldout_mi(run.model, run.estimator, held_out,
+                                            permutations=r.mi.eval_permutations, seed=r.seed)
+            eval_time = time.perf_counter() - t1
+            epoch_time = time.perf_counter() - t0
+            row.update({"time/epoch_s": epoch_time, "time/eval_s": eval_time, "faults/nonfinite_steps":
+                        float(run.nonfinite_steps)})
+            run.epoch, run.stats = epoch, None
+            run.epoch_seconds.append(epoch_time)
+            train_seconds += epoch_time
+            for logger in loggers:
+                logger.log_epoch(epoch, row)
+            val_acc = row.get("acc/val_sampled" if r.model.eval_samples else "acc/val", math.nan)
+            improved = math.isnan(val_acc) or val_acc > run.best["val_accuracy"]
+            if improved:
+                run.best = {"epoch": epoch, "val_accuracy": val_acc}
+            state_now = run.state_dict()
+            if improved:
+                save_checkpoint(run_dir / "best.pt", state_now)
+            save_checkpoint(run_dir / "last.pt", state_now)
+            last_row = row
+            write_json(run_dir / "metrics.json", _metrics(run, row, "running", train_seconds))
+            log.info(
+                "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %s  val %.4f  test %.4f  beta %.3g  %.1fs",
+                epoch, r.epochs, row["loss/total"], row["loss/ce"],
+                f"{row['mi/I_XZ']:.3f} nats" if "mi/I_XZ" in row else "-", val_acc,
+                row.get("acc/test_sampled", row["acc/test"]), row["beta"], epoch_time,
+            )
+            if stop_after is not None and epoch >= stop_after and epoch < r.epochs:
+                status = "stopped"
+                break
+        else:
+            status = "completed"
+    finally:
+        for logger in loggers:
+            logger.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not last_row and (run_dir / "metrics.json").exists():
+        import json
+
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["status"] = status
+    else:
+        metrics = _metrics(run, last_row, status, train_seconds)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def resume_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe saved in a run's `last.pt`; only `epochs` may be overridden (to train longer)."""
+    state = load_checkpoint(Path(run_dir) / "last.pt")
+    for text in overrides:
+        if not text.startswith("epochs="):
+            raise ConfigError(f"--resume continues a run as it was; only epochs=N may be changed, got '{text}'")
+    return recipe_from_dict(state["recipe"], overrides, source=str(Path(run_dir) / "last.pt"))
