@@ -35,7 +35,7 @@ class TensorBoardLogger:
 
     def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
         for tag, value in row.items():
-            if "/" in tag and value is not None:
+            if value is not None:
                 self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()
 

@@ -272,14 +272,12 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key}: {_show(value)} is out of range; allowed: {allowed}")
 
 
-def _build_component(raw: Any, registry: Registry, key: str) -> Component:
+def _build_component(raw: Any, registry: Registry, key: str, default: Component) -> Component:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: expected a {registry.kind} name or a mapping with 'name', got {_show(raw)}")
-    if "name" not in raw:
-        raise ConfigError(f"{key}: missing 'name'; valid {registry.kind}s: {', '.join(registry.names())}")
-    name = raw["name"]
+    name = raw.get("name", default.name)  # `encoder: {hidden: [64]}` keeps the default entry
     if not isinstance(name, str) or name not in registry:
         raise ConfigError(f"{key}.name: unknown {registry.kind} {_show(name)}; valid: {', '.join(registry.names())}")
     params = registry.options(name)
@@ -291,14 +289,19 @@ def _build_component(raw: Any, registry: Registry, key: str) -> Component:
         if opt not in params:
             valid = ", ".join(["name", *sorted(params)])
             raise ConfigError(f"{key}: unknown key '{opt}' for {registry.kind} '{name}'; valid: {valid}")
-        options[opt] = check_value(value, hints.get(opt, Any), f"{key}.{opt}")
+        options[opt] = _as_yaml(check_value(value, hints.get(opt, Any), f"{key}.{opt}"))
     for opt, p in params.items():  # the resolved recipe shows every setting
         if opt not in options and p.default is not p.empty:
-            options[opt] = list(p.default) if isinstance(p.default, tuple) else p.default
+            options[opt] = _as_yaml(p.default)
     missing = [opt for opt, p in params.items() if opt not in options]
     if missing:
         raise ConfigError(f"{key}: {registry.kind} '{name}' needs {', '.join(missing)}")
     return Component(name, options)
+
+
+def _as_yaml(value: Any) -> Any:
+    """Tuples as lists, so that options read the same in memory as in the saved recipe."""
+    return [_as_yaml(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def build_dataclass(cls: type, raw: Any, key: str = "") -> Any:
@@ -316,26 +319,25 @@ def build_dataclass(cls: type, raw: Any, key: str = "") -> Any:
     kwargs: Dict[str, Any] = {}
     regs: Dict[str, Registry] | None = None
     for name, f in fields.items():
-        if name not in raw:
-            continue
         sub = f"{key}.{name}" if key else name
-        tp, value = hints[name], raw[name]
-        if tp is Component:
+        tp = hints[name]
+        if tp is Component:  # given or not, a component's options are filled in from its factory and checked
             regs = regs or registries()
-            kwargs[name] = _build_component(value, regs[f.metadata["registry"]], sub)
+            default = f.default_factory()
+            value = raw.get(name, {"name": default.name, **default.options})
+            kwargs[name] = _build_component(value, regs[f.metadata["registry"]], sub, default)
         elif dataclasses.is_dataclass(tp):
-            kwargs[name] = build_dataclass(tp, value, sub)
-        else:
-            kwargs[name] = check_value(value, tp, sub)
+            kwargs[name] = build_dataclass(tp, raw[name], sub) if name in raw else _defaults(tp, f, sub)
+        elif name in raw:
+            kwargs[name] = check_value(raw[name], tp, sub)
             _check_bounds(kwargs[name], f.metadata, sub)
-    obj = cls(**kwargs)
-    regs = regs or registries()
-    for name, f in fields.items():  # defaults of components also get their options filled in and checked
-        if hints[name] is Component and name not in raw:
-            comp = getattr(obj, name)
-            sub = f"{key}.{name}" if key else name
-            setattr(obj, name, _build_component({"name": comp.name, **comp.options}, regs[f.metadata["registry"]], sub))
-    return obj
+    return cls(**kwargs)
+
+
+def _defaults(tp: type, f: dataclasses.Field, key: str) -> Any:
+    """A nested section left out of the recipe: its defaults, components resolved like given ones."""
+    default = f.default_factory()
+    return build_dataclass(tp, {k: v for k, v in _plain(default).items()}, key)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -128,6 +128,7 @@ def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Ten
         loss.backward()
         optimizer.step()
         bound = loss.detach().neg()
+    optimizer.zero_grad(set_to_none=True)  # nothing of the critic's step lingers into the encoder's
     return bound
 
 

@@ -51,7 +51,7 @@ def test_overrides_beat_the_file_and_parse_types():
 
 def test_override_replacing_a_component_by_name_drops_its_options():
     r = recipe_from_dict({"mi": {"estimator": {"name": "mine", "ema_rate": 0.5}}}, ["mi.estimator=mine_f"])
-    assert r.mi.estimator.name == "mine_f" and r.mi.estimator.options == {}
+    assert r.mi.estimator.name == "mine_f" and r.mi.estimator.options == {"marginals": 1}  # ema_rate gone
 
 
 def test_beta_zero_and_scientific_notation():
