@@ -53,7 +53,7 @@ def ib_objective(
     ce = F.cross_entropy(logits, y)
     if estimator is not None and beta > 0:
         with frozen(estimator):
-            mi = estimator.penalty(x, code.z)
+            mi = estimator.penalty(x, code.z, code)
         loss = ce + beta * mi
     else:
         mi = torch.full((), float("nan"), device=ce.device)

@@ -26,6 +26,7 @@ from ib.checkpoint import load_checkpoint, save_checkpoint
 from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, load_data
 from ib.errors import CheckpointError, ConfigError, IBError
 from ib.estimators import ESTIMATORS, MIEstimator
+from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
@@ -286,18 +287,19 @@ def heldout_mi(model: IBClassifier, estimator: MIEstimator, loader: BatchLoader,
     """The plain DV estimate of I(X;Z) on held-out data (z sampled from the encoder), in nats."""
     restore = _eval_mode(model, estimator)
     xs: List[Tensor] = []
-    zs: List[Tensor] = []
+    codes: List[Code] = []
     device = next(model.parameters()).device
     with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         for x, _ in loader:
             xs.append(x)
-            zs.append(model.encode(x, sample=True).z)
+            codes.append(model.encode(x, sample=True))
         if not xs or sum(len(x) for x in xs) < 2:
             restore()
             return math.nan
+        code = Code(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*codes)))
         g = torch.Generator().manual_seed(seed)
-        value = estimator.estimate(torch.cat(xs), torch.cat(zs), batch_size=loader.batch_size,
+        value = estimator.estimate(torch.cat(xs), code.z, code=code, batch_size=loader.batch_size,
                                    permutations=permutations, generator=g)
     restore()
     return value
@@ -388,7 +390,8 @@ def build_run(recipe: Recipe) -> Run:
     critic_optimizer = None
     if estimator is not None:
         estimator = estimator.to(device)
-        critic_optimizer = build_optimizer(recipe.mi.optimizer, list(estimator.parameters()))
+        if any(True for _ in estimator.parameters()):  # bounds without a critic (e.g. a KL bound) train nothing
+            critic_optimizer = build_optimizer(recipe.mi.optimizer, list(estimator.parameters()))
     optimizer = build_optimizer(recipe.optimizer, list(model.parameters()))
     beta_schedule = create_beta_schedule(recipe.beta_schedule.name, recipe.beta, **recipe.beta_schedule.options)
     lr_schedule = create_lr_schedule(recipe.lr_schedule.name, recipe.epochs, **recipe.lr_schedule.options)

@@ -3,8 +3,12 @@
 An estimator keeps apart what it trains and what it reports:
 - `loss(x, z)`: what the critic's own optimiser minimises (minus a bound, maybe a surrogate whose gradient is
   bias-corrected); it may update running statistics (buffers).
-- `penalty(x, z)`: the differentiable I(X;Z) term that the encoder minimises; it never updates running statistics.
-- `estimate(x, z)`: the plain bound on (held-out) data, in nats, with no surrogate and no moving average.
+- `penalty(x, z, code)`: the differentiable I(X;Z) term that the encoder minimises; it never updates running
+  statistics. `code` (the bottleneck's `Code`, with `mean`/`std` for Gaussian encoders) serves estimators that use
+  the encoder's distribution rather than samples.
+- `estimate(x, z, code=...)`: the plain bound on (held-out) data, in nats, with no surrogate and no moving average.
+
+An estimator without parameters (no critic) needs no optimiser; the trainer then skips the critic's step.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ib.errors import ConfigError
+from ib.models.bottlenecks import Code
 from ib.registry import Registry
 
 ESTIMATORS = Registry("estimator")
@@ -66,12 +71,12 @@ class MIEstimator(nn.Module):
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def penalty(self, x: Tensor, z: Tensor) -> Tensor:
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def estimate(self, x: Tensor, z: Tensor, *, batch_size: int = 1024, permutations: int = 10,
-                 generator: torch.Generator | None = None) -> float:
+    def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
+                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
         """The DV bound on a whole (held-out) set, in nats.
 
         Marginal pairs come from `permutations` random cyclic shifts of z over the whole set (not within a batch),
@@ -79,6 +84,7 @@ class MIEstimator(nn.Module):
 
         Args:
             x: inputs [N, ...]; z: codes [N, K], already sampled.
+            code: the encoder's output for x (unused by critic-based bounds).
             batch_size: rows per critic forward.
             permutations: shifted pairings per sample.
             generator: source of the shifts (for repeatable reports).

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ib.errors import ConfigError
 from ib.estimators.base import ESTIMATORS, MIEstimator, log_mean_exp
+from ib.models.bottlenecks import Code
 
 
 class MINE(MIEstimator):
@@ -60,7 +61,7 @@ class MINE(MIEstimator):
         self._update_ema(log_mean_exp(t_marginal.detach()))
         return -self._surrogate(t_joint, t_marginal)
 
-    def penalty(self, x: Tensor, z: Tensor) -> Tensor:
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         """The bias-corrected bound for the encoder to minimise; the moving average is read, not updated."""
         if int(self.ema_steps) == 0:  # no average yet: the plain DV bound
             t_joint, t_marginal = self.scores(x, z)
@@ -81,7 +82,7 @@ class MINEf(MIEstimator):
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         return -self._bound(x, z)
 
-    def penalty(self, x: Tensor, z: Tensor) -> Tensor:
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         return self._bound(x, z)
 
 
