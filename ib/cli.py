@@ -61,6 +61,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from ib.sweep import parse_list, run_sweep
+
+    betas = parse_list(args.beta, "beta")
+    seeds = parse_list(args.seeds, "seeds", int)
+    rows = run_sweep(args.recipe, betas, seeds, args.overrides, args.sweep_dir, handle_signals=True)
+    if any(r["status"] != "completed" for r in rows):
+        return EXIT_INTERRUPTED
+    for r in rows:
+        log.info("%-24s test accuracy %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s", r["run"], r["test_accuracy"],
+                 r["I_XZ"] if isinstance(r["I_XZ"], float) else float("nan"), r["I_ZY"], r["units"])
+    return 0
+
+
+def _plane(args: argparse.Namespace) -> int:
+    from ib.plots import write_plane_plots
+
+    for path in write_plane_plots(Path(args.dir)):
+        log.info("wrote %s", path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ib", description="Information Bottleneck classifiers with MINE-estimated I(X;Z).")
     parser.add_argument("--version", action="version", version=f"ib {__version__}")
@@ -75,12 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     train.add_argument("--stop-after", type=int, metavar="N", help="stop, resumable, after N completed epochs")
     train.set_defaults(func=_train)
+
+    sweep = sub.add_parser("sweep", help="train one run per beta (and seed)", description="Train RECIPE once per "
+                           "beta and seed into one sweep folder; rerunning skips finished runs and resumes others.")
+    sweep.add_argument("recipe", help="YAML recipe")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    sweep.add_argument("--beta", required=True, metavar="LIST", help="comma-separated betas, e.g. 0,1e-4,1e-3,1e-2")
+    sweep.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds (default: 0)")
+    sweep.add_argument("--sweep-dir", metavar="DIR", help="sweep folder (default: <output_dir>/<name>_sweep)")
+    sweep.set_defaults(func=_sweep)
+
+    plane = sub.add_parser("plane", help="write information-plane plots as PNG", description="Write plane.png "
+                           "for a run folder, or ib_curve.png, accuracy_vs_beta.png and each run's plane.png for a "
+                           "sweep folder.")
+    plane.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
+    plane.set_defaults(func=_plane)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides (key=value) may also come after options, e.g. `ib sweep R --beta 0,1 epochs=5`.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     if args.command is None:

@@ -22,25 +22,65 @@ class EpochLogger(Protocol):
 
 
 class TensorBoardLogger:
-    """Scalars under their hierarchical tags with the epoch (1-based) as step.
+    """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
+    I(X;Z) inside its band (MINE's lower estimate to the KL upper bound), and the information-plane trajectory as a
+    figure each epoch.
 
     On resume, events at or after the resumed epoch are purged, so an epoch that was logged but not checkpointed
-    before a crash does not appear twice.
+    before a crash does not appear twice; the trajectory so far is read back from `history.csv`.
     """
 
-    def __init__(self, run_dir: str | Path, resume_epoch: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, resume_epoch: int = 0, *, units: str = "nats",
+                 plane_figure: bool = True) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_epoch + 1 if resume_epoch else None)
+        self.units = units
+        self.plane_figure = plane_figure
+        self.points: List[Dict[str, float]] = []
+        history = Path(run_dir) / "history.csv"
+        if resume_epoch and history.exists():
+            with history.open(newline="") as f:
+                self.points = [_plane_point(int(r["epoch"]), r) for r in csv.DictReader(f)
+                               if int(r["epoch"]) <= resume_epoch]
+        if not resume_epoch:
+            self.writer.add_custom_scalars(information_layout(units))
 
     def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
         for tag, value in row.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, epoch)
+        self.points.append(_plane_point(epoch, row))
+        if self.plane_figure:
+            from ib.plots import plane_figure
+
+            self.writer.add_figure("mi/information_plane", plane_figure(self.points, self.units), epoch)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _plane_point(epoch: int, row: Mapping[str, Any]) -> Dict[str, float]:
+    def num(key: str) -> float:
+        try:
+            return float(row.get(key, math.nan))
+        except (TypeError, ValueError):  # an empty CSV cell
+            return math.nan
+
+    return {"epoch": epoch, "I_XZ": num("mi/I_XZ"), "I_XZ_upper": num("mi/I_XZ_upper"), "I_ZY": num("mi/I_ZY")}
+
+
+def information_layout(units: str) -> Dict[str, Any]:
+    """TensorBoard custom-scalars layout: I(X;Z) as a margin chart inside [MINE estimate, KL upper bound]."""
+    return {
+        "information plane": {
+            f"I(X;Z) [{units}]: MINE estimate within [MINE, KL upper bound]": [
+                "Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]],
+            f"I(Z;Y) [{units}] and H(Y)": ["Multiline", ["mi/I_ZY", "mi/H_Y"]],
+            "accuracy": ["Multiline", ["acc/train", "acc/val", "acc/test"]],
+        }
+    }
 
 
 class CSVHistory:

@@ -149,6 +149,14 @@ class MIConfig:
 
 
 @dataclass
+class MonitorConfig:
+    units: Literal["nats", "bits"] = _field("nats", "units of every information quantity: logs, plots, metrics.json")
+    probe_size: int = _field(2000, "held-out probe set for the information plane: the first N validation images",
+                             ge=2, le=1_000_000)
+    plane_figure: bool = _field(True, "draw the information-plane trajectory into TensorBoard each epoch")
+
+
+@dataclass
 class Recipe:
     name: str = _field("run", "run name: the run folder is <output_dir>/<name>")
     seed: int = _field(0, "seed for weights, noise, shuffling and the validation split", ge=0, le=2**63 - 1)
@@ -164,6 +172,7 @@ class Recipe:
     optimizer: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "encoder and decoder optimizer"})
     lr_schedule: Component = _component("constant", "lr schedule", "learning-rate multiplier per epoch")
     mi: MIConfig = field(default_factory=MIConfig, metadata={"help": "the I(X;Z) estimator and its critic"})
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "the information plane"})
 
     def __post_init__(self) -> None:
         if self.beta > 0 and not self.mi.enabled:

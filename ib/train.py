@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 
 from ib import __version__
 from ib.checkpoint import load_checkpoint, save_checkpoint
-from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, load_data
+from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, Split, load_data
 from ib.errors import CheckpointError, ConfigError, IBError
 from ib.estimators import ESTIMATORS, MIEstimator
-from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
 from ib.objectives import ib_objective
+from ib.plane import information_plane, to_units
 from ib.recipe import OptimConfig, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from ib.schedules import BetaSchedule, create_beta_schedule, create_lr_schedule, set_lr
 
@@ -282,29 +282,6 @@ def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: in
     return {"acc": acc, "acc_sampled": float(correct_sampled) / n if samples > 0 else acc, "nll": float(nll) / n}
 
 
-def heldout_mi(model: IBClassifier, estimator: MIEstimator, loader: BatchLoader, *, permutations: int,
-               seed: int = 0) -> float:
-    """The plain DV estimate of I(X;Z) on held-out data (z sampled from the encoder), in nats."""
-    restore = _eval_mode(model, estimator)
-    xs: List[Tensor] = []
-    codes: List[Code] = []
-    device = next(model.parameters()).device
-    with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
-        torch.manual_seed(seed)
-        for x, _ in loader:
-            xs.append(x)
-            codes.append(model.encode(x, sample=True))
-        if not xs or sum(len(x) for x in xs) < 2:
-            restore()
-            return math.nan
-        code = Code(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*codes)))
-        g = torch.Generator().manual_seed(seed)
-        value = estimator.estimate(torch.cat(xs), code.z, code=code, batch_size=loader.batch_size,
-                                   permutations=permutations, generator=g)
-    restore()
-    return value
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The run folder
 
@@ -425,8 +402,19 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise ConfigError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
 
 
-def _metrics(run: Run, row: Dict[str, float], status: str, train_seconds: float) -> Dict[str, Any]:
+def _probe_set(run: Run) -> Split:
+    """The fixed held-out probe set of the information plane: the first `monitor.probe_size` validation samples
+    (test samples when there is no validation split), on the run's device."""
+    source = run.data.val if len(run.data.val.y) >= 2 else run.data.test
+    n = min(run.recipe.monitor.probe_size, len(source.y))
+    x = source.x[:n].to(run.device)
+    return Split(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), source.y[:n].to(run.device))
+
+
+def _metrics(run: Run, row: Dict[str, float], plane: Dict[str, float], status: str,
+             train_seconds: float) -> Dict[str, Any]:
     samples = run.recipe.model.eval_samples
+    units = run.recipe.monitor.units
     return {
         "status": status,
         "epochs": run.epoch,
@@ -438,7 +426,12 @@ def _metrics(run: Run, row: Dict[str, float], status: str, train_seconds: float)
         "eval_samples": samples,
         "val_accuracy": row.get("acc/val_sampled" if samples else "acc/val", math.nan),
         "test_nll": row.get("loss/test_nll", math.nan),
-        "I_XZ_nats": row.get("mi/I_XZ", math.nan),
+        "I_XZ_nats": plane.get("I_XZ", math.nan),
+        "units": units,
+        "I_XZ": row.get("mi/I_XZ", math.nan),
+        "I_XZ_upper": row.get("mi/I_XZ_upper", math.nan),
+        "I_ZY": row.get("mi/I_ZY", math.nan),
+        "H_Y": row.get("mi/H_Y", math.nan),
         "beta_final": row.get("beta", math.nan),
         "best_epoch": run.best["epoch"],
         "best_val_accuracy": run.best["val_accuracy"],
@@ -488,12 +481,16 @@ def fit(
         prepare_run_dir(run_dir, overwrite)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 
-    loggers: List[EpochLogger] = [CSVHistory(run_dir / "history.csv", run.epoch),
-                                  TensorBoardLogger(run_dir, run.epoch)]
+    loggers: List[EpochLogger] = [
+        CSVHistory(run_dir / "history.csv", run.epoch),
+        TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units, plane_figure=recipe.monitor.plane_figure),
+    ]
+    probe = _probe_set(run)
     stop = StopFlag()
     previous = stop.install() if handle_signals else {}
     r = recipe
     last_row: Dict[str, float] = {}
+    last_plane: Dict[str, float] = {}
     train_seconds = sum(run.epoch_seconds)
     status = "running"
     if run.epoch:
@@ -526,10 +523,11 @@ def fit(
                         "loss/test_nll": test["nll"]})
             if r.model.eval_samples:
                 row.update({"acc/val_sampled": val["acc_sampled"], "acc/test_sampled": test["acc_sampled"]})
-            if run.estimator is not None:
-                held_out = run.val_loader if len(run.data.val.y) >= 2 else run.test_loader
-                row["mi/I_XZ"] = heldout_mi(run.model, run.estimator, held_out,
-                                            permutations=r.mi.eval_permutations, seed=r.seed)
+            t2 = time.perf_counter()
+            plane = information_plane(run.model, run.estimator, probe.x, probe.y, batch_size=r.data.eval_batch_size,
+                                      permutations=r.mi.eval_permutations, seed=r.seed)
+            row.update({f"mi/{k}": to_units(v, r.monitor.units) for k, v in plane.items()})
+            row["time/plane_s"] = time.perf_counter() - t2
             eval_time = time.perf_counter() - t1
             epoch_time = time.perf_counter() - t0
             row.update({"time/epoch_s": epoch_time, "time/eval_s": eval_time, "faults/nonfinite_steps":
@@ -547,12 +545,12 @@ def fit(
             if improved:
                 save_checkpoint(run_dir / "best.pt", state_now)
             save_checkpoint(run_dir / "last.pt", state_now)
-            last_row = row
-            write_json(run_dir / "metrics.json", _metrics(run, row, "running", train_seconds))
+            last_row, last_plane = row, plane
+            write_json(run_dir / "metrics.json", _metrics(run, row, plane, "running", train_seconds))
             log.info(
-                "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %s  val %.4f  test %.4f  beta %.3g  %.1fs",
-                epoch, r.epochs, row["loss/total"], row["loss/ce"],
-                f"{row['mi/I_XZ']:.3f} nats" if "mi/I_XZ" in row else "-", val_acc,
+                "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s  val %.4f  test %.4f  beta %.3g  %.1fs",
+                epoch, r.epochs, row["loss/total"], row["loss/ce"], row["mi/I_XZ"], row["mi/I_ZY"], r.monitor.units,
+                val_acc,
                 row.get("acc/test_sampled", row["acc/test"]), row["beta"], epoch_time,
             )
             if stop_after is not None and epoch >= stop_after and epoch < r.epochs:
@@ -571,7 +569,7 @@ def fit(
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics["status"] = status
     else:
-        metrics = _metrics(run, last_row, status, train_seconds)
+        metrics = _metrics(run, last_row, last_plane, status, train_seconds)
     write_json(run_dir / "metrics.json", metrics)
     return metrics
 

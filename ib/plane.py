@@ -1,0 +1,86 @@
+"""The information plane: I(X;Z) against I(Z;Y), measured on a fixed held-out probe set.
+
+Per point (one encoder pass over the probe set, z sampled from p(z|x)):
+  1. I(X;Z): the critic's Donsker-Varadhan bound (a lower bound up to sampling error);
+  2. I(X;Z) upper: E_x KL(p(z|x) || N(0, I)) for Gaussian encoders, the variational upper bound of VIB, so the
+     true value lies in a band rather than at one noisy number;
+  3. I(Z;Y): the decoder's variational lower bound H(Y) - E[-log q(y|z)], with H(Y) from the probe set's label
+     frequencies; it can never exceed H(Y).
+All values are computed in nats; `to_units` converts for display (bits = nats / ln 2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ib.estimators import MIEstimator
+from ib.models.bottlenecks import Code
+from ib.models.classifier import IBClassifier
+
+Units = Literal["nats", "bits"]
+
+
+def to_units(nats: float, units: Units) -> float:
+    return nats / math.log(2.0) if units == "bits" else nats
+
+
+def gaussian_kl(mean: Tensor, std: Tensor) -> Tensor:
+    """KL(N(mean, diag(std^2)) || N(0, I)) per row, summed over the K code dimensions: [N, K] -> [N]."""
+    return 0.5 * (mean.pow(2) + std.pow(2) - 1.0).sum(-1) - std.clamp_min(1e-30).log().sum(-1)
+
+
+def label_entropy(y: Tensor, num_classes: int) -> float:
+    """H(Y) in nats from the label frequencies of `y`."""
+    p = torch.bincount(y, minlength=num_classes).double() / max(len(y), 1)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def information_plane(
+    model: IBClassifier,
+    estimator: Optional[MIEstimator],
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 1000,
+    permutations: int = 10,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """One point of the information plane on the probe set (x [N, C, H, W] in [0, 1], y [N]), in nats.
+
+    Runs in eval mode under inference_mode with a fixed seed; the global RNG and the modules' modes are restored.
+
+    Returns:
+        {"I_XZ": DV bound (NaN without an estimator), "I_XZ_upper": KL bound (NaN unless Gaussian),
+         "I_ZY": H(Y) - CE, "H_Y": H(Y)}
+    """
+    modes = [(m, m.training) for m in (model, estimator) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    device = x.device
+    try:
+        with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            codes, ce = [], torch.zeros((), dtype=torch.float64, device=device)
+            for start in range(0, len(y), batch_size):
+                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                code = model.encode(xb, sample=True)  # z [B, K]
+                ce += F.cross_entropy(model.decode(code.z), yb, reduction="sum").double()
+                codes.append(code)
+            code = Code(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*codes)))
+            h_y = label_entropy(y, model.num_classes)
+            out = {"I_ZY": h_y - float(ce) / max(len(y), 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
+            if code.std is not None:
+                out["I_XZ_upper"] = float(gaussian_kl(code.mean, code.std).mean())
+            if estimator is not None and len(y) >= 2:
+                g = torch.Generator().manual_seed(seed)
+                out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,
+                                                 permutations=permutations, generator=g)
+    finally:
+        for m, flag in modes:
+            m.train(flag)
+    return out

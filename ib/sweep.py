@@ -1,0 +1,210 @@
+"""Beta sweeps: one complete run folder per (beta, seed) under one sweep folder, resumable.
+
+    <sweep dir>/
+      sweep.csv                 one row per run: beta, seed, status, accuracies, final I(X;Z), I(Z;Y), ...
+      ib_curve.png              final I(X;Z) against I(Z;Y), one point per beta, error bars over seeds
+      accuracy_vs_beta.png      test accuracy against beta
+      beta_<b>_seed_<s>/        a run folder as `ib train` writes it, plus the run's TensorBoard HParams
+
+Running the same command again skips finished runs and resumes an unfinished one from its `last.pt`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ib.checkpoint import atomic_write
+from ib.errors import ConfigError
+from ib.recipe import Recipe, read_recipe_file, recipe_from_dict
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["run", "beta", "seed", "status", "test_accuracy", "val_accuracy", "units", "I_XZ", "I_XZ_upper", "I_ZY",
+           "H_Y", "I_XZ_nats", "epochs", "train_seconds", "robust_accuracy"]
+
+
+def parse_list(text: str, what: str, kind: Callable[[str], Any] = float) -> List[Any]:
+    """`"0,1e-4,1e-3"` -> [0.0, 1e-4, 1e-3]: numbers, finite, >= 0, no duplicates; else a one-line ConfigError."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise ConfigError(f"--{what}: expected a comma-separated list like 0,1e-3,1e-2, got '{text}'")
+    values = []
+    for t in items:
+        try:
+            v = kind(t)
+        except ValueError:
+            raise ConfigError(f"--{what}: '{t}' is not a {'number' if kind is float else 'whole number'}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"--{what}: '{t}' is not finite")
+        if v < 0:
+            raise ConfigError(f"--{what}: '{t}' is negative; {what} must be >= 0")
+        values.append(v)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--{what}: '{text}' lists a value twice")
+    return values
+
+
+def run_name(beta: float, seed: int) -> str:
+    return f"beta_{beta:g}_seed_{seed}"
+
+
+@dataclass
+class SweepRun:
+    beta: float
+    seed: int
+    recipe: Recipe
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def plan_sweep(recipe_path: str | Path, betas: Sequence[float], seeds: Sequence[int], overrides: Sequence[str],
+               sweep_dir: Path) -> List[SweepRun]:
+    """Check every run's recipe before any work starts (a bad override fails the sweep, not its fifth run)."""
+    raw = read_recipe_file(recipe_path)
+    runs = []
+    for beta in betas:
+        for seed in seeds:
+            name = run_name(beta, seed)
+            recipe = recipe_from_dict(raw, [*overrides, f"beta={beta!r}", f"seed={seed}", f"name={name}"],
+                                      source=str(recipe_path))
+            runs.append(SweepRun(beta, seed, recipe, sweep_dir / name))
+    return runs
+
+
+def _status(run_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _row(run: SweepRun) -> Dict[str, Any]:
+    try:
+        m = json.loads((run.run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        m = {}
+    row = {"run": run.name, "beta": run.beta, "seed": run.seed, "status": m.get("status", "missing")}
+    for key in COLUMNS[4:]:
+        row[key] = m.get(key, "")
+    robust = _robust_accuracy(run.run_dir)
+    if robust is not None:
+        row["robust_accuracy"] = robust
+    return row
+
+
+def _robust_accuracy(run_dir: Path) -> Optional[float]:
+    """The headline robust accuracy of `ib eval` when the run was evaluated (its `eval.json`)."""
+    try:
+        data = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = data.get("robust_accuracy") if isinstance(data, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def read_csv(path: Path) -> List[Dict[str, Any]]:
+    """sweep.csv back as rows with numbers where the cells hold numbers."""
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            out: Dict[str, Any] = {}
+            for k, v in r.items():
+                try:
+                    out[k] = float(v) if k not in ("run", "status", "units") else v
+                except (TypeError, ValueError):
+                    out[k] = v
+            rows.append(out)
+    return rows
+
+
+def write_hparams(run: SweepRun, row: Dict[str, Any]) -> None:
+    """TensorBoard HParams for one run, written into its own folder (so TensorBoard pairs them with its scalars)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    metrics = {f"hparams/{k}": float(row[k]) for k in ("test_accuracy", "val_accuracy", "I_XZ", "I_ZY",
+                                                        "robust_accuracy")
+               if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+    exp, ssi, sei = hparams({"beta": run.beta, "seed": run.seed}, metrics)
+    with SummaryWriter(str(run.run_dir)) as w:
+        for summary in (exp, ssi, sei):
+            w.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            w.add_scalar(tag, value, run.recipe.epochs)
+    (run.run_dir / ".hparams_written").touch()
+
+
+def write_plots(sweep_dir: Path, rows: Sequence[Dict[str, Any]], units: str) -> List[Path]:
+    from ib.plots import accuracy_figure, ib_curve_figure, save_figure
+
+    done = [r for r in rows if r.get("status") == "completed"]
+    paths = [sweep_dir / "ib_curve.png", sweep_dir / "accuracy_vs_beta.png"]
+    save_figure(ib_curve_figure(done, units), paths[0])
+    keys = ["test_accuracy"] + (["robust_accuracy"] if any(isinstance(r.get("robust_accuracy"), float)
+                                                           for r in done) else [])
+    save_figure(accuracy_figure(done, keys), paths[1])
+    return paths
+
+
+def run_sweep(
+    recipe_path: str | Path,
+    betas: Sequence[float],
+    seeds: Sequence[int],
+    overrides: Sequence[str] = (),
+    sweep_dir: str | Path | None = None,
+    *,
+    handle_signals: bool = False,
+) -> List[Dict[str, Any]]:
+    """Train every (beta, seed) of the grid into `sweep_dir`, skipping finished runs; returns the sweep.csv rows.
+
+    Stops early (returning the rows so far) when a run was interrupted.
+    """
+    from ib.train import fit
+
+    if sweep_dir is None:
+        base = recipe_from_dict(read_recipe_file(recipe_path), overrides, source=str(recipe_path))
+        sweep_dir = Path(base.output_dir) / f"{base.name}_sweep"
+    sweep_dir = Path(sweep_dir)
+    runs = plan_sweep(recipe_path, betas, seeds, overrides, sweep_dir)
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create sweep folder {sweep_dir}: {e.strerror or e}") from None
+    units = runs[0].recipe.monitor.units
+    rows: Dict[str, Dict[str, Any]] = {r.name: _row(r) for r in runs}
+    for i, run in enumerate(runs, 1):
+        status = _status(run.run_dir)
+        if status == "completed":
+            log.info("[%d/%d] %s: done, skipped", i, len(runs), run.name)
+        else:
+            resume = (run.run_dir / "last.pt").exists()
+            log.info("[%d/%d] %s: %s", i, len(runs), run.name, "resuming" if resume else "training")
+            metrics = fit(run.recipe, run.run_dir, resume=resume, overwrite=not resume,
+                          handle_signals=handle_signals)
+            status = metrics["status"]
+        rows[run.name] = _row(run)
+        write_csv(sweep_dir / "sweep.csv", list(rows.values()))
+        if status != "completed":
+            log.warning("sweep stopped at %s (%s); run the same command again to resume", run.name, status)
+            return list(rows.values())
+        if not (run.run_dir / ".hparams_written").exists():
+            write_hparams(run, rows[run.name])
+    write_plots(sweep_dir, list(rows.values()), units)
+    return list(rows.values())
