@@ -1,0 +1,98 @@
+"""The information plane: closed forms, what a short run writes to TensorBoard, and the `ib plane` figures."""
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ib.cli import main
+from ib.errors import ConfigError
+from ib.plane import gaussian_kl, information_plane, label_entropy, to_units
+from ib.plots import write_plane_plots
+from ib.recipe import load_recipe
+from ib.train import build_run, fit
+
+DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+SMALL = ["model.encoder.hidden=[64]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[64]", "beta_schedule.delay=0",
+         "model.eval_samples=2"]
+
+
+def test_gaussian_kl_closed_form():
+    mean = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    std = torch.tensor([[1.0, 1.0], [0.5, 2.0]])
+    expected = [0.5, 0.5 * (4 + 0.25 - 1) - math.log(0.5) + 0.5 * (4 - 1) - math.log(2.0)]
+    assert gaussian_kl(mean, std).tolist() == pytest.approx(expected)
+
+
+def test_label_entropy_and_units():
+    assert label_entropy(torch.tensor([0, 1, 2, 3]), 4) == pytest.approx(math.log(4))
+    assert label_entropy(torch.tensor([1, 1, 1]), 3) == pytest.approx(0.0)
+    assert to_units(math.log(2), "bits") == pytest.approx(1.0)
+    assert to_units(1.5, "nats") == 1.5
+
+
+def test_plane_point_bounds_on_a_trained_model(tmp_path):
+    recipe = load_recipe(DIGITS, ["epochs=4", *SMALL])
+    fit(recipe, tmp_path / "run")
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    for r in rows:  # I(Z;Y) >= its bound's ceiling never: H(Y) - CE <= H(Y)
+        assert float(r["mi/I_ZY"]) <= float(r["mi/H_Y"]) + 1e-9
+    last = rows[-1]
+    # The KL upper bound must not sit below the MINE lower estimate (the gap is what a user reads as uncertainty).
+    assert float(last["mi/I_XZ_upper"]) >= float(last["mi/I_XZ"])
+    assert float(last["mi/I_ZY"]) > 1.0  # a trained digits decoder recovers most of H(Y) = ln 10 ~ 2.3
+
+
+def test_information_plane_restores_modes_and_rng():
+    run = build_run(load_recipe(DIGITS, ["epochs=1", *SMALL]))
+    run.model.train()
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    x, y = run.data.val.x[:50], run.data.val.y[:50]
+    a = information_plane(run.model, run.estimator, x, y, permutations=2, seed=3)
+    b = information_plane(run.model, run.estimator, x, y, permutations=2, seed=3)
+    assert a == b and run.model.training and torch.equal(state, torch.get_rng_state())
+    assert set(a) == {"I_XZ", "I_XZ_upper", "I_ZY", "H_Y"}
+
+
+def test_bits_everywhere(tmp_path):
+    import json
+
+    fit(load_recipe(DIGITS, ["epochs=1", "monitor.units=bits", *SMALL]), tmp_path / "bits")
+    fit(load_recipe(DIGITS, ["epochs=1", *SMALL]), tmp_path / "nats")
+    mb = json.loads((tmp_path / "bits" / "metrics.json").read_text())
+    mn = json.loads((tmp_path / "nats" / "metrics.json").read_text())
+    assert mb["units"] == "bits" and mn["units"] == "nats"
+    for key in ("I_XZ", "I_ZY", "H_Y", "I_XZ_upper"):
+        assert mb[key] == pytest.approx(mn[key] / math.log(2), rel=1e-6), key
+    assert mb["I_XZ_nats"] == pytest.approx(mn["I_XZ_nats"])
+
+
+def test_event_files_hold_scalars_figure_and_layout(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    fit(load_recipe(DIGITS, ["epochs=2", *SMALL]), tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"mi/I_XZ", "mi/I_XZ_upper", "mi/I_ZY", "mi/H_Y", "time/plane_s"} <= set(tags["scalars"])
+    assert "mi/information_plane" in tags["images"]
+    assert len(acc.Images("mi/information_plane")) == 2
+    layout_events = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(layout_events[0].tensor_proto.string_val[0])
+    charts = {c.title: c for cat in layout.category for c in cat.chart}
+    margin = next(c for t, c in charts.items() if t.startswith("I(X;Z)"))
+    assert margin.margin.series[0].value == "mi/I_XZ" and margin.margin.series[0].upper == "mi/I_XZ_upper"
+
+
+def test_ib_plane_writes_pngs(tmp_path):
+    fit(load_recipe(DIGITS, ["epochs=2", *SMALL]), tmp_path / "run")
+    assert main(["plane", str(tmp_path / "run")]) == 0
+    png = (tmp_path / "run" / "plane.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    with pytest.raises(ConfigError, match="neither a run"):
+        write_plane_plots(tmp_path)
+    assert main(["plane", str(tmp_path)]) == 2

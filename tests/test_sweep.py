@@ -1,0 +1,117 @@
+"""`ib sweep`: the grid, its folder and plots, resuming after a kill, HParams, and TensorBoard serving it all."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ib.cli import main
+from ib.errors import ConfigError
+from ib.sweep import parse_list, read_csv, run_sweep
+
+ROOT = Path(__file__).parents[1]
+DIGITS = ROOT / "recipes" / "digits.yaml"
+SMALL = ["epochs=2", "model.encoder.hidden=[32]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[32]",
+         "beta_schedule.delay=0", "model.eval_samples=0", "monitor.plane_figure=false"]
+
+
+def test_parse_list():
+    assert parse_list("0,1e-4, 1e-3,1E-2,1", "beta") == [0.0, 1e-4, 1e-3, 1e-2, 1.0]
+    assert parse_list("0,1,2", "seeds", int) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("text,words", [("", "comma-separated"), ("0,,1", "comma-separated"), ("a", "not a number"),
+                                        ("-1", "negative"), ("nan", "not finite"), ("1,1", "twice"),
+                                        ("inf", "not finite")])
+def test_parse_list_rejects(text, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_list(text, "beta")
+
+
+def test_bad_beta_list_exits_2(tmp_path, capsys):
+    assert main(["sweep", str(DIGITS), "--beta", "0,x", "--sweep-dir", str(tmp_path / "s")]) == 2
+    assert "--beta: 'x' is not a number" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_folder_csv_plots_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sweep = tmp_path / "sweep"
+    assert main(["sweep", str(DIGITS), "--beta", "0,1e-2", "--seeds", "0", *SMALL, "--sweep-dir", str(sweep)]) == 0
+    rows = read_csv(sweep / "sweep.csv")
+    assert [(r["beta"], r["seed"], r["status"]) for r in rows] == [(0.0, 0.0, "completed"), (0.01, 0.0, "completed")]
+    for r in rows:
+        assert 0.25 < r["test_accuracy"] <= 1.0 and isinstance(r["I_XZ"], float)  # chance is 0.1
+        assert (sweep / r["run"] / "metrics.json").is_file() and (sweep / r["run"] / "last.pt").is_file()
+    for png in ("ib_curve.png", "accuracy_vs_beta.png"):
+        assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
+    acc = EventAccumulator(str(sweep / rows[1]["run"]), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "_hparams_/experiment" in acc.summary_metadata or any("hparams" in t for t in acc.Tags()["tensors"])
+
+
+def test_killed_sweep_skips_finished_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = sweep / "beta_0_seed_0"
+    cmd = [sys.executable, "-m", "ib", "sweep", str(DIGITS), "--beta", "0,1", "--seeds", "0", *SMALL,
+           "epochs=6", "--sweep-dir", str(sweep)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.loads((first / "metrics.json").read_text())["status"] == "completed":
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at = (first / "last.pt").stat().st_mtime_ns
+    rows = run_sweep(DIGITS, [0.0, 1.0], [0], [*SMALL, "epochs=6"], sweep)
+    assert (first / "last.pt").stat().st_mtime_ns == done_at  # not trained again
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_serves_scalars_and_hparams(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_sweep(DIGITS, [0.0, 1e-2], [0], SMALL, sweep)
+    port = _free_port()
+    tb = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1",
+                           "--port", str(port), "--load_fast", "false"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        tags = None
+        for _ in range(150):  # up to ~30 s for TensorBoard to start and load the runs
+            try:
+                tags = json.loads(urllib.request.urlopen(f"{base}/data/plugin/scalars/tags", timeout=2).read())
+                if len(tags) >= 2 and all("mi/I_XZ" in t for t in tags.values()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert tags and {"beta_0_seed_0", "beta_0.01_seed_0"} <= set(tags), tags
+        assert {"mi/I_XZ", "mi/I_ZY", "acc/test"} <= set(tags["beta_0_seed_0"])
+        req = urllib.request.Request(f"{base}/data/plugin/hparams/experiment", data=b'{"experimentName": ""}',
+                                     headers={"Content-Type": "application/json", "X-TensorBoard-Feature-Flags": "{}"})
+        experiment = json.loads(urllib.request.urlopen(req, timeout=5).read())
+        names = {h["name"] for h in experiment["hparamInfos"]}
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"beta", "seed"} <= names
+        assert "hparams/test_accuracy" in metrics
+    finally:
+        tb.terminate()
+        tb.wait(10)
