@@ -1,6 +1,7 @@
 """Checkpoints written atomically and read without running code from the file."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -8,24 +9,36 @@ from typing import Any, Dict
 
 import torch
 
-from ib.errors import CheckpointError
+from ib.errors import CheckpointError, IBError
+
+
+class WriteError(IBError, OSError):
+    """A run file could not be written (disk full, folder not writable); the previous version of it is intact."""
 
 
 def atomic_write(path: str | Path, write: Any) -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
     A crash or a full disk leaves the previous `path` as it was; the temporary file is removed on failure.
+
+    Raises:
+        WriteError: the operating system refused (no space, no permission, ...); the message says so in one line.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, IBError):
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise WriteError(f"cannot write {path}: {e.strerror or e}; {kept}") from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -38,8 +51,14 @@ def atomic_write(path: str | Path, write: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> None:
-    """Write `state` (tensors, numbers, strings, lists, dicts) to `path` atomically."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Write `state` (tensors, numbers, strings, lists, dicts) to `path` atomically.
+
+    The state is serialised in memory first, so that a full disk surfaces as the operating system's error
+    (`WriteError`) rather than as an error from inside torch's zip writer.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:

@@ -21,8 +21,18 @@ EXIT_INTERRUPTED = 130
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: one line, status 2
-        self.print_usage(sys.stderr)
-        _usage_exit(message)
+        _usage_exit(f"{' '.join(message.split())} (see: {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _usage_exit(message: str) -> None:
@@ -31,22 +41,27 @@ def _usage_exit(message: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ib.recipe import load_recipe
-    from ib.train import fit, resume_recipe
+    from ib.recipe import load_recipe  # ib.train (torch) is imported once the recipe has been read
 
     overrides: List[str] = list(args.overrides)
     if args.resume:
+        if args.run_dir or args.overwrite:
+            _usage_exit("--resume continues the run in its own folder; --run-dir and --overwrite do not apply")
         if args.recipe is not None:  # `ib train --resume DIR epochs=N`: argparse takes epochs=N as the recipe
             if "=" not in args.recipe:
                 _usage_exit("with --resume give no recipe: the run folder holds its own (only epochs=N may change)")
             overrides.insert(0, args.recipe)
         run_dir = Path(args.resume)
+        from ib.train import resume_recipe
+
         recipe = resume_recipe(run_dir, overrides)
     else:
         if args.recipe is None:
             _usage_exit("give a recipe (e.g. ib train recipes/digits.yaml) or --resume RUN_DIR")
         recipe = load_recipe(args.recipe, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / recipe.name
+    from ib.train import fit
+
     metrics = fit(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite, stop_after=args.stop_after,
                   handle_signals=True)
     if metrics["status"] == "interrupted":
@@ -83,6 +98,22 @@ def _plane(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from ib.evaluate import evaluate_run, parse_eval_args
+
+    overrides = parse_eval_args(split=args.split, attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2,
+                                sigmas=args.sigmas, steps=args.steps, samples=args.samples, limit=args.limit,
+                                restarts=args.restarts, batch_size=args.batch_size, eot_samples=args.eot_samples,
+                                loss=args.loss)
+    report = evaluate_run(args.checkpoint, overrides)
+    failed = [c["name"] for c in report["checks"] if c["passed"] is False]
+    log.info("done: clean accuracy %s on %d %s samples, %.1f s; checks %s; wrote eval.json, robustness.csv and "
+             "robustness.png beside %s", ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in report["clean"].items()),
+             report["n"], report["split"], report["wall_seconds"],
+             f"FAILED: {', '.join(failed)}" if failed else "passed", report["checkpoint"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ib", description="Information Bottleneck classifiers with MINE-estimated I(X;Z).")
     parser.add_argument("--version", action="version", version=f"ib {__version__}")
@@ -95,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     train.add_argument("--run-dir", metavar="DIR", help="run folder (default: <output_dir>/<name>)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    train.add_argument("--stop-after", type=int, metavar="N", help="stop, resumable, after N completed epochs")
+    train.add_argument("--stop-after", type=_positive_int, metavar="N",
+                       help="stop, resumable, after N completed epochs")
     train.set_defaults(func=_train)
 
     sweep = sub.add_parser("sweep", help="train one run per beta (and seed)", description="Train RECIPE once per "
@@ -112,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "sweep folder.")
     plane.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     plane.set_defaults(func=_plane)
+
+    ev = sub.add_parser("eval", help="accuracy and adversarial robustness of a checkpoint", description="Evaluate "
+                        "a run's best.pt (or a given .pt) with its recipe's eval settings, updated by the options; "
+                        "writes eval.json, robustness.csv and robustness.png beside it and to its TensorBoard.")
+    ev.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    ev.add_argument("--split", choices=["test", "val"], help="split to evaluate (default: test)")
+    ev.add_argument("--attacks", metavar="LIST", help="comma-separated: fgsm,pgd_linf,pgd_l2,eot_pgd,noise")
+    ev.add_argument("--eps", metavar="LIST", help="L-inf radii in the [0, 1] pixel scale, e.g. 0.05,0.1,0.2")
+    ev.add_argument("--eps-l2", metavar="LIST", help="L2 radii of pgd_l2, e.g. 0.5,1,2")
+    ev.add_argument("--sigmas", metavar="LIST", help="std of the Gaussian noise, e.g. 0.05,0.1,0.2")
+    ev.add_argument("--steps", type=int, metavar="N", help="PGD steps")
+    ev.add_argument("--samples", type=int, metavar="K", help="draws of Z of the sampled model (0: mean code only)")
+    ev.add_argument("--eot-samples", type=int, metavar="S", help="draws of Z per EOT-PGD gradient")
+    ev.add_argument("--loss", choices=["ce", "margin"], help="loss the gradient attacks ascend (default: ce)")
+    ev.add_argument("--limit", type=int, metavar="N", help="the first N samples of the split only")
+    ev.add_argument("--restarts", type=int, metavar="R", help="PGD random restarts")
+    ev.add_argument("--batch-size", type=int, metavar="B", help="samples per attack batch")
+    ev.set_defaults(func=_eval)
     return parser
 
 
@@ -133,6 +183,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except IBError as e:
         print(f"ib: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # the environment (disk, permissions) rather than a bug: one line, like the others
+        print(f"ib: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ib: interrupted", file=sys.stderr)

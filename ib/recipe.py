@@ -27,7 +27,21 @@ from ib.registry import Registry
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        """A mapping, refusing a key given twice (plain YAML keeps the last one silently)."""
+        first: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports unhashable keys
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_show(key)} (first given at line {first[key] + 1})",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -48,10 +62,32 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+_MAX_DEPTH = 32
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists/mappings nest deeper than `limit`; iterative, visiting an aliased node once per depth."""
+    stack, seen = [(value, 1)], {}
+    while stack:
+        v, depth = stack.pop()
+        if not isinstance(v, (dict, list)):
+            continue
+        if depth > limit:
+            return True
+        if seen.get(id(v), 0) >= depth:
+            continue
+        seen[id(v)] = depth
+        stack.extend((child, depth + 1) for child in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML safely; a syntax error or a Python tag becomes a one-line ConfigError naming the line."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        if _nested_deeper_than(value, _MAX_DEPTH):  # checking and copying recurse; a recipe needs ~4 levels
+            raise ConfigError(f"{source}: invalid YAML: nested deeper than {_MAX_DEPTH} levels")
+        return value
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -59,6 +95,8 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML{where}: {_one_line(problem)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {_one_line(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested deeper than {_MAX_DEPTH} levels") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,6 +194,71 @@ class MonitorConfig:
     plane_figure: bool = _field(True, "draw the information-plane trajectory into TensorBoard each epoch")
 
 
+AttackName = Literal["fgsm", "pgd_linf", "pgd_l2", "eot_pgd", "noise"]
+
+
+def check_radii(key: str, values: Sequence[float], upper: Optional[float] = None) -> Tuple[float, ...]:
+    """Attack radii or noise levels: finite, >= 0 (and <= `upper`), in the [0, 1] pixel scale; ConfigError names `key`."""
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{key}: expected finite numbers, got {_show(v)}")
+        if v < 0 or (upper is not None and v > upper):
+            allowed = f">= 0 and <= {upper}" if upper is not None else ">= 0"
+            raise ConfigError(f"{key}: {v} is out of range; radii are in the [0, 1] pixel scale, allowed: {allowed}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def check_attacks(key: str, names: Sequence[str]) -> Tuple[str, ...]:
+    """Attack names: known, none twice, at least one; ConfigError names `key` and lists the valid names."""
+    valid = typing.get_args(AttackName)
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"{key}: unknown attack {_show(name)}; valid: {', '.join(sorted(valid))}")
+    if not names:
+        raise ConfigError(f"{key}: give at least one attack; valid: {', '.join(sorted(valid))}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: an attack is named twice in {list(names)}")
+    return tuple(names)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _field(False, "run the robustness evaluation (`ib eval`) on best.pt when `ib train` completes")
+    split: Literal["test", "val"] = _field("test", "the split evaluated")
+    attacks: Tuple[AttackName, ...] = _field(
+        ("fgsm", "pgd_linf", "pgd_l2", "eot_pgd", "noise"), "attacks run against the mean-code and the sampled model")
+    eps: Tuple[float, ...] = _field((0.05, 0.1, 0.2), "L-inf radii of fgsm, pgd_linf, eot_pgd in the [0, 1] pixel "
+                                    "scale; 0 is always added (the eps-0 sanity check)")
+    eps_l2: Tuple[float, ...] = _field((0.5, 1.0, 2.0), "L2 radii of pgd_l2 in the [0, 1] pixel scale (MNIST-sized "
+                                       "images; about 0.25-0.5 for CIFAR)")
+    sigmas: Tuple[float, ...] = _field((0.05, 0.1, 0.2), "std of the Gaussian noise corruption, [0, 1] pixel scale")
+    steps: int = _field(20, "PGD iterations", ge=1, le=100_000)
+    step_size: float = _field(2.5, "PGD step = step_size * eps / steps (2.5: Madry et al. 2018)", gt=0.0, le=100.0)
+    restarts: int = _field(1, "PGD random restarts; the worst case per sample is kept", ge=1, le=1000)
+    samples: Optional[int] = _field(None, "draws of Z averaged by the sampled model (null: model.eval_samples; 0: "
+                                    "evaluate the mean-code model only)", ge=0, le=10_000)
+    eot_samples: int = _field(8, "draws of Z averaged into each EOT-PGD gradient", ge=1, le=10_000)
+    loss: Literal["ce", "margin"] = _field("ce", "what the gradient attacks ascend: cross-entropy (Madry et al.) or "
+                                           "the margin max_j z_j - z_y (Carlini-Wagner)")
+    limit: Optional[int] = _field(None, "evaluate the first N samples of the split only (null: all)", ge=1)
+    batch_size: Optional[int] = _field(None, "samples per attack batch (null: data.eval_batch_size)", ge=1,
+                                       le=1_000_000)
+    seed: int = _field(0, "seed of random starts, noise and sampled codes (the global RNG is left alone)", ge=0,
+                       le=2**63 - 1)
+    ece_bins: int = _field(15, "equal-width confidence bins of the expected calibration error", ge=1, le=10_000)
+    tolerance: float = _field(0.005, "accuracy slack of the monotonicity and PGD-vs-FGSM checks", ge=0.0, le=1.0)
+    check_samples: int = _field(500, "samples for the unbounded-attack check (L-inf PGD at eps 1); 0 skips it",
+                                ge=0, le=1_000_000)
+
+    def __post_init__(self) -> None:
+        check_attacks("eval.attacks", self.attacks)
+        check_radii("eval.eps", self.eps, upper=1.0)
+        check_radii("eval.eps_l2", self.eps_l2)
+        check_radii("eval.sigmas", self.sigmas)
+
+
 @dataclass
 class Recipe:
     name: str = _field("run", "run name: the run folder is <output_dir>/<name>")
@@ -173,12 +276,19 @@ class Recipe:
     lr_schedule: Component = _component("constant", "lr schedule", "learning-rate multiplier per epoch")
     mi: MIConfig = field(default_factory=MIConfig, metadata={"help": "the I(X;Z) estimator and its critic"})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "the information plane"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "accuracy and robustness (`ib eval`)"})
 
     def __post_init__(self) -> None:
         if self.beta > 0 and not self.mi.enabled:
             raise ConfigError(f"beta={self.beta} needs an I(X;Z) estimate: set mi.enabled=true or beta=0")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name):
             raise ConfigError(f"name '{self.name}' must be letters, digits, '_', '.', '+', '-' (it names a folder)")
+        # The schedules check their phases against each other (e.g. a warm-up starting above beta): build them
+        # here, so such a recipe fails when it is loaded, not after the data set.
+        from ib.schedules import create_beta_schedule, create_lr_schedule
+
+        create_beta_schedule(self.beta_schedule.name, self.beta, **self.beta_schedule.options)
+        create_lr_schedule(self.lr_schedule.name, self.epochs, **self.lr_schedule.options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,7 +324,8 @@ def _type_name(tp: Any) -> str:
         inner = [a for a in args if a is not type(None)]
         return " or ".join(_type_name(a) for a in inner) + " or null"
     if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
-        return f"a list of {_type_name(args[0]) if args else 'values'}s"
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return "a list of " + (plural.get(args[0], f"values ({_type_name(args[0])})") if args else "values")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -285,7 +396,7 @@ def _build_component(raw: Any, registry: Registry, key: str, default: Component)
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a {registry.kind} name or a mapping with 'name', got {_show(raw)}")
+        raise ConfigError(f"{key}: expected the {registry.kind}'s name or a mapping with 'name', got {_show(raw)}")
     name = raw.get("name", default.name)  # `encoder: {hidden: [64]}` keeps the default entry
     if not isinstance(name, str) or name not in registry:
         raise ConfigError(f"{key}.name: unknown {registry.kind} {_show(name)}; valid: {', '.join(registry.names())}")

@@ -7,8 +7,12 @@ One encoder step on a batch (x, y):
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
+import re
 import shutil
 import signal
 import time
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ib import __version__
-from ib.checkpoint import load_checkpoint, save_checkpoint
+from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, Split, load_data
 from ib.errors import CheckpointError, ConfigError, IBError
 from ib.estimators import ESTIMATORS, MIEstimator
@@ -67,6 +71,8 @@ def build_model(recipe: Recipe, data: DataSplits) -> IBClassifier:
 def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MIEstimator]:
     if not recipe.mi.enabled:
         return None
+    if not getattr(ESTIMATORS.get(recipe.mi.estimator.name), "needs_critic", True):  # vib_kl: reads the Gaussian code
+        return ESTIMATORS.create(recipe.mi.estimator.name, recipe.model.bottleneck.name, **recipe.mi.estimator.options)
     critic = CRITICS.create(recipe.mi.critic.name, data.in_shape, z_dim, **recipe.mi.critic.options)
     return ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)
 
@@ -117,16 +123,38 @@ class StepStats:
         return row
 
 
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one device sync for the lot.
+
+    The max-norm of each tensor (one fused kernel per device and dtype, as in `clip_grad_norm_`) is finite iff all
+    of its elements are, and, unlike a sum of squares, cannot overflow.
+    """
+    if not tensors:
+        return True
+    norms = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+    return bool(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).isfinite().all())
+
+
 def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int) -> Tensor:
-    """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached)."""
+    """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached).
+
+    An update whose loss or gradient is not finite is not applied, and the estimator's buffers (MINE's moving
+    average, a critic's batch-norm statistics) are put back as they were before it; the bound returned is then NaN,
+    which `train_step` counts as a non-finite step.
+    """
     bound = torch.zeros(())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for _ in range(steps):
+        saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
         optimizer.zero_grad(set_to_none=True)
         loss = estimator.loss(x, z)
-        if not torch.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach().neg()
         loss.backward()
+        if not _all_finite([loss, *(p.grad for p in params if p.grad is not None)]):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, before in zip(estimator.buffers(), saved):
+                    b.copy_(before)
+            return torch.full((), math.nan, device=loss.device)
         optimizer.step()
         bound = loss.detach().neg()
     optimizer.zero_grad(set_to_none=True)  # nothing of the critic's step lingers into the encoder's
@@ -145,25 +173,31 @@ def train_step(
     critic_steps: int = 1,
     grad_clip: Optional[float] = None,
 ) -> Dict[str, Tensor]:
-    """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped."""
+    """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
+
+    The step is skipped (the encoder's optimiser not stepped, its gradients dropped) when the encoder's loss or
+    gradient is not finite, or when the critic's update was (`critic_step` then left the critic and its moving
+    average as they were). Finiteness is checked with one device sync.
+    """
     code = model.encode(x)  # z [B, K], sampled once for both players
     mi_bound = torch.full((), math.nan)
+    checks: List[Tensor] = []
     if estimator is not None and critic_optimizer is not None:
         mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps)
+        checks.append(mi_bound)  # NaN when the critic's update was not finite
     out = ib_objective(model, estimator, x, y, beta, code=code)
     optimizer.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(out["loss"]))
+    out["loss"].backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip is not None:
+        checks.append(nn.utils.clip_grad_norm_(params, grad_clip))  # the norm is finite iff every gradient is
+    else:
+        checks += [p.grad for p in params]
+    finite = _all_finite([out["loss"], *checks])
     if finite:
-        out["loss"].backward()
-        if grad_clip is not None:
-            norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            finite = bool(torch.isfinite(norm))
-        else:
-            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
-        if finite:
-            optimizer.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     correct = (out["logits"].detach().argmax(1) == y).sum()
     return {"loss": out["loss"].detach(), "ce": out["ce"].detach(), "mi_bound": mi_bound.to(x.device),
             "correct": correct, "finite": torch.tensor(finite)}
@@ -353,6 +387,27 @@ class Run:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
+@contextlib.contextmanager
+def _building(section: str) -> Iterator[None]:
+    """Name the recipe section in a factory's ConfigError, and turn a failed allocation (a width far too large)
+    into a ConfigError rather than a traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{section}: {e}") from None
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = " ".join(str(e).split())
+        if not isinstance(e, MemoryError) and "alloc" not in text and "out of memory" not in text:
+            raise
+        asked = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", text, re.IGNORECASE)
+        if asked and asked.group(2) == "bytes":
+            asked_for = f" (it asked for {float(asked.group(1)) / 2**30:.3g} GiB)"
+        else:
+            asked_for = f" (it asked for {asked.group(1)} {asked.group(2)})" if asked else ""
+        raise ConfigError(f"{section}: the network does not fit in memory{asked_for}; check the widths in "
+                          f"{section}.*") from None
+
+
 def build_run(recipe: Recipe) -> Run:
     """Load the data and build every object of a run from a checked recipe (raises ConfigError, DataError)."""
     device = resolve_device(recipe.device)
@@ -362,8 +417,10 @@ def build_run(recipe: Recipe) -> Run:
                      image_size=d.image_size)
     if len(data.train.y) < d.batch_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the training set ({len(data.train.y)})")
-    model = build_model(recipe, data).to(device)
-    estimator = build_estimator(recipe, data, model.bottleneck.z_dim)
+    with _building("model"):
+        model = build_model(recipe, data).to(device)
+    with _building("mi"):
+        estimator = build_estimator(recipe, data, model.bottleneck.z_dim)
     critic_optimizer = None
     if estimator is not None:
         estimator = estimator.to(device)
@@ -384,21 +441,42 @@ def build_run(recipe: Recipe) -> Run:
     )
 
 
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to reuse a run folder unless told to overwrite it (only folders that hold a run are removed)."""
-    if run_dir.exists() and any(run_dir.iterdir()):
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Raise ConfigError, touching nothing, when `run_dir` cannot become a new run folder: it holds files (and
+    `overwrite` is off, or it is not a run folder), or the nearest existing folder above it is a file or not
+    writable. Cheap: `fit` calls it before loading any data."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"run folder {run_dir} exists: resume it with --resume {run_dir}, replace it with "
                               f"--overwrite, or pick another name=...")
         if not (run_dir / "recipe.yaml").exists():
-            raise ConfigError(f"--overwrite: {run_dir} does not look like a run folder (no recipe.yaml); not removing it")
+            raise ConfigError(f"--overwrite: {run_dir} does not look like a run folder (no recipe.yaml); "
+                              f"not removing it")
+    above = run_dir.absolute()
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"cannot create run folder {run_dir}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create run folder {run_dir}: {above} is not writable (permission denied)")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to reuse a run folder unless told to overwrite it (only folders that hold a run are removed)."""
+    check_run_dir(run_dir, overwrite)
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         shutil.rmtree(run_dir)
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if created and run_dir.is_dir():  # leave no empty folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise ConfigError(f"cannot write to run folder {run_dir}: {e.strerror or e}") from None
 
 
@@ -471,23 +549,21 @@ def fit(
     """
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / "last.pt") if resume else None
+    if state is None:
+        check_run_dir(run_dir, overwrite)  # before the data are loaded
     run = build_run(recipe)
     if state is not None:
         try:
             run.load_state_dict(state)
-        except (KeyError, RuntimeError, ValueError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(f"{run_dir / 'last.pt'} does not match the recipe: {' '.join(str(e).split())[:300]}")
     else:
         prepare_run_dir(run_dir, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 
-    loggers: List[EpochLogger] = [
-        CSVHistory(run_dir / "history.csv", run.epoch),
-        TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units, plane_figure=recipe.monitor.plane_figure),
-    ]
-    probe = _probe_set(run)
+    # From here on the run folder exists: any error is recorded in its metrics.json (status "failed").
+    loggers: List[EpochLogger] = []
     stop = StopFlag()
-    previous = stop.install() if handle_signals else {}
+    previous: Dict[int, Any] = {}
     r = recipe
     last_row: Dict[str, float] = {}
     last_plane: Dict[str, float] = {}
@@ -496,6 +572,15 @@ def fit(
     if run.epoch:
         log.info("resuming %s at epoch %d/%d (step %d)", run_dir, run.epoch + 1, r.epochs, run.step)
     try:
+        recipe_text = dump_recipe(recipe)
+        atomic_write(run_dir / "recipe.yaml", lambda f: f.write(recipe_text.encode()))
+        loggers += [
+            CSVHistory(run_dir / "history.csv", run.epoch),
+            TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units,
+                              plane_figure=recipe.monitor.plane_figure),
+        ]
+        probe = _probe_set(run)
+        previous = stop.install() if handle_signals else {}
         while run.epoch < r.epochs:
             epoch = run.epoch + 1
             t0 = time.perf_counter()
@@ -508,7 +593,8 @@ def fit(
                 max_nonfinite=r.max_nonfinite_steps, log_every=r.log_every, stop=stop,
                 desc=f"epoch {epoch}/{r.epochs}",
             )
-            if stop:  # mid-epoch: save the position so that resuming continues exactly here
+            if stop and run.train_loader.batches_left() < len(run.train_loader):
+                # stopped mid-epoch: save the loader's position so that resuming continues exactly here
                 save_checkpoint(run_dir / "last.pt", run.state_dict())
                 status = "interrupted"
                 break
@@ -553,31 +639,73 @@ def fit(
                 val_acc,
                 row.get("acc/test_sampled", row["acc/test"]), row["beta"], epoch_time,
             )
+            if stop and epoch < r.epochs:  # signalled during the epoch's last step or its evaluation
+                status = "interrupted"
+                break
             if stop_after is not None and epoch >= stop_after and epoch < r.epochs:
                 status = "stopped"
                 break
         else:
             status = "completed"
+    except BaseException as e:
+        _record_failure(run_dir, run, e, train_seconds)
+        raise
     finally:
         for logger in loggers:
-            logger.close()
+            try:
+                logger.close()
+            except Exception as e:  # e.g. a full disk while flushing TensorBoard: the error in flight matters more
+                log.warning("closing %s: %s", type(logger).__name__, " ".join(str(e).split()))
         for s, handler in previous.items():
             signal.signal(s, handler)
     if not last_row and (run_dir / "metrics.json").exists():
-        import json
-
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics["status"] = status
+        metrics.pop("error", None)  # a failure recorded before this resume is over
     else:
         metrics = _metrics(run, last_row, last_plane, status, train_seconds)
     write_json(run_dir / "metrics.json", metrics)
+    if status == "completed" and recipe.eval.enabled:  # the recipe's `eval:` section: `ib eval RUN_DIR`
+        from ib.evaluate import evaluate_run  # imported here: ib.evaluate builds models with this module
+
+        evaluate_run(run_dir)
     return metrics
+
+
+def _record_failure(run_dir: Path, run: Run, error: BaseException, train_seconds: float) -> None:
+    """Mark the run folder's metrics.json `failed` (or `interrupted`) with the error, keeping the figures of the
+    last completed epoch, which match `last.pt`. Best effort: the error in flight is what the caller reports."""
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        metrics = None
+    if metrics is None:  # nothing recorded yet: count only what last.pt holds
+        metrics = _metrics(run, {}, {}, "failed", train_seconds)
+        metrics["epochs"] = run.epoch if (run_dir / "last.pt").exists() else 0
+    if isinstance(error, KeyboardInterrupt):
+        metrics["status"] = "interrupted"
+    else:
+        message = str(error) if isinstance(error, IBError) else f"{type(error).__name__}: {error}"
+        metrics.update(status="failed", error=" ".join(message.split()))
+    try:
+        write_json(path, metrics)
+    except OSError as e:
+        log.warning("could not record the failure in %s: %s", path, " ".join(str(e).split()))
 
 
 def resume_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """The recipe saved in a run's `last.pt`; only `epochs` may be overridden (to train longer)."""
-    state = load_checkpoint(Path(run_dir) / "last.pt")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume: run folder {run_dir} not found")
+    if not (run_dir / "last.pt").exists():
+        raise CheckpointError(f"--resume: {run_dir} has no last.pt (the run stopped before its first checkpoint); "
+                              f"start it again with --overwrite")
+    state = load_checkpoint(run_dir / "last.pt")
     for text in overrides:
         if not text.startswith("epochs="):
             raise ConfigError(f"--resume continues a run as it was; only epochs=N may be changed, got '{text}'")
-    return recipe_from_dict(state["recipe"], overrides, source=str(Path(run_dir) / "last.pt"))
+    if not isinstance(state.get("recipe"), dict):
+        raise CheckpointError(f"{run_dir / 'last.pt'} holds no recipe: not a checkpoint written by ib train")
+    return recipe_from_dict(state["recipe"], overrides, source=str(run_dir / "last.pt"))

@@ -1,0 +1,300 @@
+"""Training speed of `ib` against a plain PyTorch loop, measured in one process on one machine.
+
+    python benchmarks/train_speed.py                      # PI-MLP on Fashion-MNIST (+ CIFAR if --cifar-root)
+    python benchmarks/train_speed.py --cifar-root /tmp/cifar10-jpeg --cifar-steps 20
+
+What it measures (each timed after warm-up steps, the median of --repeats):
+  1. matmul peak: FLOP/s of torch.mm at a large square, and at the model's own layer shapes (the matmuls of one
+     training step - forward and both backward products of every Linear - timed alone);
+  2. a plain PyTorch reference loop: tensors in memory, the same network, cross-entropy only, Adam;
+  3. ib's training code path (`ib.train.train_one_epoch` on a `BatchLoader`) with beta = 0 (deterministic
+     encoder, no critic) and with MINE (the recipe's statistics network);
+  4. model FLOPs per sample counted by torch.utils.flop_counter.FlopCounterMode on one real step, achieved
+     FLOP/s and utilisation = achieved / peak at the layer shapes;
+  5. the data path alone: batches per second of ib's in-memory loader against torchvision's per-sample path.
+Results are written to benchmarks/results/train_speed.md (or --out) with the command, the machine and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ib.data import BatchLoader, Split  # noqa: E402
+from ib.recipe import load_recipe  # noqa: E402
+from ib.train import StepStats, build_run, train_one_epoch, train_step  # noqa: E402
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median wall seconds of `fn` over `repeats` calls (after one warm-up call)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Matmul peak
+
+
+def mm_rate(shapes: List[Tuple[int, int, int]], device: torch.device, dtype: torch.dtype, repeats: int,
+            inner: int = 20) -> float:
+    """FLOP/s of running torch.mm once per (M, K, N) in `shapes`, `inner` times over."""
+    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+            for m, k, n in shapes]
+    flops = inner * sum(2 * m * k * n for m, k, n in shapes)
+
+    def run() -> None:
+        for _ in range(inner):
+            for a, b in mats:
+                torch.mm(a, b)
+
+    return flops / timed(run, device, repeats)
+
+
+def linear_step_shapes(model: nn.Module, batch: int) -> List[Tuple[int, int, int]]:
+    """The matmuls of one training step of every Linear in `model`: forward, grad wrt input, grad wrt weight."""
+    shapes = []
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            k, n = mod.in_features, mod.out_features
+            shapes += [(batch, k, n), (batch, n, k), (k, batch, n)]
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. The plain reference loop
+
+
+def reference_mlp(in_features: int, hidden: List[int], z_dim: int, classes: int) -> nn.Module:
+    layers: List[nn.Module] = [nn.Flatten()]
+    widths = [in_features, *hidden]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers += [nn.Linear(widths[-1], z_dim), nn.Linear(z_dim, classes)]
+    return nn.Sequential(*layers)
+
+
+def reference_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
+                   device: torch.device, repeats: int) -> float:
+    """Samples per second of the textbook loop: index a batch of in-memory tensors, forward, CE, backward, Adam."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        order = torch.randperm(len(y), generator=g).to(device)
+        for i in range(steps):
+            idx = order[i * batch:(i + 1) * batch]
+            xb = x[idx].float().div_(255.0)
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return steps * batch / timed(run, device, repeats)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3-4. ib's own code path
+
+
+def ib_rate(recipe_path: Path, overrides: List[str], steps: int, device: torch.device, repeats: int
+            ) -> Tuple[float, float, object]:
+    """Samples per second of `train_one_epoch` over `steps` batches, and counted FLOPs per sample of one step."""
+    recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}"])
+    run = build_run(recipe)
+    b = recipe.data.batch_size
+    n = steps * b
+    split = Split(run.data.train.x[:n], run.data.train.y[:n])
+    loader = BatchLoader(split, b, shuffle=True, drop_last=True, device=device, seed=0)
+    state = {"step": 0}
+
+    def run_epoch() -> None:
+        state["step"] = train_one_epoch(
+            run.model, run.estimator, loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
+            StepStats.zeros(device), step=state["step"], critic_steps=recipe.mi.critic_steps,
+            grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9)
+
+    seconds = timed(run_epoch, device, repeats)
+    x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y,
+                   run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps)
+    return n / seconds, counter.get_total_flops() / b, run
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Data path
+
+
+def torchvision_fashion(root: Path):
+    """torchvision's FashionMNIST over a copy of Debian's files, unpacked into torchvision's raw layout."""
+    from torchvision import datasets, transforms
+
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in Path(FASHION).glob("*.gz"):
+        with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return datasets.FashionMNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
+
+
+def data_rates(run, batch: int, batches: int, device: torch.device, repeats: int) -> Tuple[float, float]:
+    from torch.utils.data import DataLoader
+
+    loader = BatchLoader(run.data.train, batch, shuffle=True, drop_last=True, device=device, seed=0)
+
+    def ours() -> None:
+        for i, (x, y) in enumerate(loader):
+            if i + 1 == batches:
+                break
+        loader.load_state_dict({"generator": loader.generator.get_state()})  # drop the half-read epoch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = torchvision_fashion(Path(tmp))
+        tv_loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0)
+
+        def theirs() -> None:
+            for i, (x, y) in enumerate(tv_loader):
+                x, y = x.to(device), y.to(device)
+                if i + 1 == batches:
+                    break
+
+        return batches / timed(ours, device, repeats), batches / timed(theirs, device, repeats)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def mlp_section(args, device: torch.device, lines: List[str]) -> None:
+    recipe = ROOT / "recipes" / "fashion_mnist.yaml"
+    plain = ["beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
+    b = 100
+    ib0, flops0, run0 = ib_rate(recipe, plain, args.steps, device, args.repeats)
+    ib_mine, flops_mine, run_mine = ib_rate(recipe, ["beta=1e-3"], args.steps, device, args.repeats)
+    x = run0.data.train.x[: args.steps * b].to(device)
+    y = run0.data.train.y[: args.steps * b].to(device)
+    torch.manual_seed(0)
+    ref_model = reference_mlp(784, [1024, 1024], 256, 10).to(device)
+    ref = reference_rate(ref_model, x, y, b, args.steps, device, args.repeats)
+    ref_flops = 2 * 3 * sum(m.in_features * m.out_features for m in ref_model.modules() if isinstance(m, nn.Linear))
+
+    square = mm_rate([(2048, 2048, 2048)], device, torch.float32, args.repeats, inner=3)
+    shapes0 = linear_step_shapes(run0.model, b)
+    shapes_mine = linear_step_shapes(run_mine.model, b) + linear_step_shapes(run_mine.estimator, 2 * b)
+    peak0 = mm_rate(shapes0, device, torch.float32, args.repeats)
+    peak_mine = mm_rate(shapes_mine, device, torch.float32, args.repeats)
+    fm_ours, fm_tv = data_rates(run0, b, args.data_batches, device, args.repeats)
+
+    lines += [
+        "## PI-MLP on Fashion-MNIST (784-1024-1024, K=256, batch 100)",
+        "",
+        f"Matmul peak: {square / 1e9:.1f} GFLOP/s at 2048x2048x2048; at the layer shapes of one training step: "
+        f"{peak0 / 1e9:.1f} GFLOP/s (encoder/decoder), {peak_mine / 1e9:.1f} GFLOP/s (with the critic's layers).",
+        "",
+        "| loop | samples/s | vs reference | FLOPs/sample (counted) | achieved GFLOP/s | utilisation of layer-shape peak |",
+        "|---|---|---|---|---|---|",
+        f"| plain PyTorch reference (CE, Adam) | {ref:,.0f} | 1.00 | {ref_flops / 1e6:.2f} M (analytic) | "
+        f"{ref * ref_flops / 1e9:.1f} | {ref * ref_flops / peak0:.2f} |",
+        f"| ib, beta=0 (deterministic, no critic) | {ib0:,.0f} | {ib0 / ref:.2f} | {flops0 / 1e6:.2f} M | "
+        f"{ib0 * flops0 / 1e9:.1f} | {ib0 * flops0 / peak0:.2f} |",
+        f"| ib, MINE-IB (paper critic) | {ib_mine:,.0f} | {ib_mine / ref:.2f} | {flops_mine / 1e6:.2f} M | "
+        f"{ib_mine * flops_mine / 1e9:.1f} | {ib_mine * flops_mine / peak_mine:.2f} |",
+        "",
+        f"MINE-IB epoch time / beta=0 epoch time: {ib0 / ib_mine:.2f}x; FLOP ratio: {flops_mine / flops0:.2f}x.",
+        "",
+        f"Data path alone ({args.data_batches} batches of 100): ib's in-memory loader {fm_ours:,.0f} batches/s, "
+        f"torchvision's per-sample FashionMNIST + DataLoader {fm_tv:,.0f} batches/s: {fm_ours / fm_tv:.0f}x.",
+        "",
+    ]
+
+
+def cifar_section(args, device: torch.device, lines: List[str]) -> None:
+    recipe = ROOT / "recipes" / "cifar10.yaml"
+    data = [f"data.name=image_folder", f"data.root={args.cifar_root}"]
+    plain = [*data, "beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
+    ib0, flops0, run0 = ib_rate(recipe, plain, args.cifar_steps, device, 1)
+    ib_mine, flops_mine, _ = ib_rate(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device, 1)
+    lines += [
+        f"## ResNet-18 (CIFAR stem) on the CIFAR-10 JPEG copy, batch 128, {args.cifar_steps} steps",
+        "",
+        "| loop | samples/s | FLOPs/sample (counted) | achieved GFLOP/s |",
+        "|---|---|---|---|",
+        f"| ib, beta=0 | {ib0:,.1f} | {flops0 / 1e9:.2f} G | {ib0 * flops0 / 1e9:.1f} |",
+        f"| ib, MINE-IB (conv x-branch critic) | {ib_mine:,.1f} | {flops_mine / 1e9:.2f} G | "
+        f"{ib_mine * flops_mine / 1e9:.1f} |",
+        "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="training steps per timed repeat (PI-MLP)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    parser.add_argument("--data-batches", type=int, default=200)
+    parser.add_argument("--cifar-root", help="the extracted CIFAR-10 JPEG copy (train/, test/); skipped if absent")
+    parser.add_argument("--cifar-steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_speed.md"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    lines = [
+        "# Training speed: ib against a plain PyTorch loop",
+        "",
+        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), device {device}; {dt.datetime.now():%Y-%m-%d %H:%M}.",
+        "",
+    ]
+    mlp_section(args, device, lines)
+    if args.cifar_root and Path(args.cifar_root, "train").is_dir():
+        cifar_section(args, device, lines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
