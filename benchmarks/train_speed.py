@@ -152,14 +152,14 @@ def ib_rate(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
         state["step"] = train_one_epoch(
             run.model, run.estimator, loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
             StepStats.zeros(device), step=state["step"], critic_steps=recipe.mi.critic_steps,
-            grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9)
+            grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9, fused=recipe.mi.fused)
 
     seconds = timed(run_epoch, device, repeats)
     x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
     counter = FlopCounterMode(display=False)
     with counter:
         train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y,
-                   run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps)
+                   run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused)
     return n / seconds, counter.get_total_flops() / b, run
 
 

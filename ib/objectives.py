@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,54 @@ def frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -scale (gradient reversal, Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * -ctx.scale, None
+
+
+def reverse_grad(z: Tensor, scale: float) -> Tensor:
+    """z unchanged; the gradient reaching z through it is -scale times the incoming one."""
+    return _ReverseGrad.apply(z, scale)
+
+
+def fused_minimax_objective(
+    model: IBClassifier,
+    estimator: MIEstimator,
+    x: Tensor,
+    y: Tensor,
+    beta: float,
+) -> Dict[str, Tensor]:
+    """Both players' losses from ONE forward of the critic, for one backward pass.
+
+    With S the estimator's (bias-corrected) bound and critic loss L_T = -S, the objective is
+
+        J = CE + L_T(x, R(z)),      R = gradient reversal with scale beta,
+
+    so dJ/d(critic) = dL_T/d(critic) = -dS/d(critic) (the critic ascends S), and the gradient reaching z is
+    -beta * dL_T/dz = beta * dS/dz (the encoder descends CE + beta * S). These are the gradients of the two-pass
+    step (critic on detached z, then the encoder on CE + beta * penalty) taken at the same critic and moving
+    average; the moving average is updated once, by the critic's loss, as in the two-pass step.
+
+    Returns:
+        {"objective" (to backpropagate), "loss" (CE + beta * S, the encoder's loss), "ce", "mi" (S), "logits", "beta"}
+    """
+    code = model.encode(x)  # z [B, K]
+    logits = model.decode(code.z)  # [B, classes]
+    ce = F.cross_entropy(logits, y)
+    critic_loss = estimator.loss(x, reverse_grad(code.z, beta))
+    bound = -critic_loss.detach()
+    return {"objective": ce + critic_loss, "loss": ce.detach() + beta * bound, "ce": ce, "mi": bound,
+            "logits": logits, "beta": torch.tensor(beta)}
 
 
 def ib_objective(

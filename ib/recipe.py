@@ -183,6 +183,9 @@ class MIConfig:
         default_factory=_critic_optimizer, metadata={"help": "the critic's own optimizer (it maximises the bound)"}
     )
     critic_steps: int = _field(1, "critic updates per encoder update, on the same batch", ge=1, le=100)
+    fused: bool = _field(True, "one critic forward serves both players (gradient reversal); false: the critic "
+                         "steps first on detached z, then the encoder meets the updated critic (always so when "
+                         "critic_steps > 1)")
     eval_permutations: int = _field(10, "shuffled pairings per sample for the held-out estimate", ge=1, le=1000)
 
 

@@ -33,7 +33,7 @@ from ib.estimators import ESTIMATORS, MIEstimator
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
-from ib.objectives import ib_objective
+from ib.objectives import fused_minimax_objective, ib_objective
 from ib.plane import information_plane, to_units
 from ib.recipe import OptimConfig, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from ib.schedules import BetaSchedule, create_beta_schedule, create_lr_schedule, set_lr
@@ -172,13 +172,20 @@ def train_step(
     *,
     critic_steps: int = 1,
     grad_clip: Optional[float] = None,
+    fused: bool = False,
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
-    The step is skipped (the encoder's optimiser not stepped, its gradients dropped) when the encoder's loss or
-    gradient is not finite, or when the critic's update was (`critic_step` then left the critic and its moving
-    average as they were). Finiteness is checked with one device sync.
+    Two-pass (default): the critic steps on detached z (`critic_steps` times), then the encoder steps on
+    CE + beta * penalty against the updated critic. Fused (`fused=True`, one critic step): one forward of the
+    critic serves both players through gradient reversal (`fused_minimax_objective`), both optimisers step on the
+    gradients of one backward pass, about a third less work per step with the paper's critic.
+
+    The step is skipped (no optimiser steps, gradients dropped, the estimator's buffers such as MINE's moving
+    average put back) when a loss or gradient is not finite. Finiteness is checked with one device sync.
     """
+    if fused and estimator is not None and critic_optimizer is not None and critic_steps == 1:
+        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip)
     code = model.encode(x)  # z [B, K], sampled once for both players
     mi_bound = torch.full((), math.nan)
     checks: List[Tensor] = []
@@ -200,6 +207,35 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
     correct = (out["logits"].detach().argmax(1) == y).sum()
     return {"loss": out["loss"].detach(), "ce": out["ce"].detach(), "mi_bound": mi_bound.to(x.device),
+            "correct": correct, "finite": torch.tensor(finite)}
+
+
+def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
+                critic_optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, beta: float,
+                grad_clip: Optional[float]) -> Dict[str, Tensor]:
+    saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
+    out = fused_minimax_objective(model, estimator, x, y, beta)
+    optimizer.zero_grad(set_to_none=True)
+    critic_optimizer.zero_grad(set_to_none=True)
+    out["objective"].backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    checks = [out["objective"], *(p.grad for p in estimator.parameters() if p.grad is not None)]
+    if grad_clip is not None:
+        checks.append(nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        checks += [p.grad for p in params]
+    finite = _all_finite(checks)
+    if finite:
+        optimizer.step()
+        critic_optimizer.step()
+    else:
+        with torch.no_grad():
+            for b, before in zip(estimator.buffers(), saved):
+                b.copy_(before)
+    optimizer.zero_grad(set_to_none=True)
+    critic_optimizer.zero_grad(set_to_none=True)
+    correct = (out["logits"].detach().argmax(1) == y).sum()
+    return {"loss": out["loss"], "ce": out["ce"].detach(), "mi_bound": out["mi"] if finite else out["mi"] * math.nan,
             "correct": correct, "finite": torch.tensor(finite)}
 
 
@@ -235,6 +271,7 @@ def train_one_epoch(
     critic_steps: int,
     grad_clip: Optional[float],
     max_nonfinite: int,
+    fused: bool = False,
     log_every: int,
     stop: Optional[StopFlag] = None,
     desc: str = "",
@@ -251,7 +288,7 @@ def train_one_epoch(
     for x, y in bar:
         beta = beta_schedule.value(step)
         out = train_step(model, estimator, optimizer, critic_optimizer, x, y, beta,
-                         critic_steps=critic_steps, grad_clip=grad_clip)
+                         critic_steps=critic_steps, grad_clip=grad_clip, fused=fused)
         step += 1
         if bool(out["finite"]):
             run_of_faults = 0
@@ -589,7 +626,7 @@ def fit(
                 run.stats = StepStats.zeros(run.device)
             run.step = train_one_epoch(
                 run.model, run.estimator, run.train_loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
-                run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip,
+                run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip, fused=r.mi.fused,
                 max_nonfinite=r.max_nonfinite_steps, log_every=r.log_every, stop=stop,
                 desc=f"epoch {epoch}/{r.epochs}",
             )
