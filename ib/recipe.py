@@ -201,7 +201,7 @@ AttackName = Literal["fgsm", "pgd_linf", "pgd_l2", "eot_pgd", "noise"]
 
 
 def check_radii(key: str, values: Sequence[float], upper: Optional[float] = None) -> Tuple[float, ...]:
-    """Attack radii or noise levels: finite, >= 0 (and <= `upper`), in the [0, 1] pixel scale; ConfigError names `key`."""
+    """Attack radii or noise levels, in the [0, 1] pixel scale: finite, >= 0 and <= `upper`; errors name `key`."""
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

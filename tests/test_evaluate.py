@@ -1,0 +1,181 @@
+"""The evaluation: sanity checks on a small trained model, masking detection, `ib eval` end to end, bad arguments."""
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from ib.cli import main
+from ib.data import Split
+from ib.evaluate import THREATS, EvalWarning, evaluate_model, expected_calibration_error, load_run
+from ib.recipe import AttackName, load_recipe
+from ib.train import fit
+
+DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+SMALL = ["epochs=3", "model.encoder.hidden=[128]", "mi.critic.hidden=[64]", "model.eval_samples=4"]
+FAST = dict(steps=5, samples=4, eot_samples=4, batch_size=200, check_samples=100)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP start-up costs that dominate on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(load_recipe(DIGITS, SMALL), run)
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return load_run(run_dir, device="cpu")
+
+
+def _test_split(loaded, n=200):
+    return Split(loaded.data.test.x[:n], loaded.data.test.y[:n])
+
+
+def test_every_attack_name_has_a_threat_model():
+    assert set(THREATS) == set(AttackName.__args__)
+
+
+def test_ece_closed_form():
+    conf = torch.tensor([0.9, 0.9, 0.6, 0.6])
+    right = torch.tensor([True, False, True, True])
+    # Bins of width 0.1: [0.6, 0.6] -> |1 - 0.6| * 2/4; [0.9, 0.9] -> |0.5 - 0.9| * 2/4.
+    assert expected_calibration_error(conf, right, bins=10) == pytest.approx(0.2 + 0.2)
+    # One bin: |mean accuracy - mean confidence| = |0.75 - 0.75|.
+    assert expected_calibration_error(conf, right, bins=1) == pytest.approx(0.0)
+    assert expected_calibration_error(torch.ones(3), torch.ones(3, dtype=torch.bool), bins=15) == 0.0
+
+
+def test_sanity_checks_hold_on_a_small_trained_model(loaded):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EvalWarning)
+        report = evaluate_model(loaded.model, _test_split(loaded), **FAST)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert set(checks) == {"eval_mode", "eps0_equals_clean", "accuracy_not_rising", "pgd_not_weaker_than_fgsm",
+                           "gradients_reach_input", "unbounded_attack_succeeds"}
+    assert all(c["passed"] for c in checks.values()), checks
+    clean = report["clean"]
+    assert clean["mean"]["accuracy"] > 0.85 and 0 <= clean["mean"]["ece"] < 1 and clean["mean"]["nll"] > 0
+    assert {"accuracy", "accuracy_per_draw", "nll", "ece"} <= set(clean["sampled"])
+    rows = report["robustness"]
+    pairs = {(r["attack"], r["variant"]) for r in rows}
+    assert pairs == {(a, v) for a in ("fgsm", "pgd_linf", "pgd_l2", "noise") for v in ("mean", "sampled")} | {
+        ("eot_pgd", "sampled")}
+    at = {(r["attack"], r["variant"], r["eps"]): r["accuracy"] for r in rows}
+    assert at[("pgd_linf", "mean", 0.0)] == clean["mean"]["accuracy"]  # exactly: common random numbers
+    assert at[("eot_pgd", "sampled", 0.0)] == clean["sampled"]["accuracy"]
+    assert at[("pgd_linf", "mean", 0.2)] < at[("pgd_linf", "mean", 0.05)] < clean["mean"]["accuracy"]
+
+
+def test_evaluation_restores_modes_and_leaves_the_global_rng_alone(loaded):
+    model = loaded.model
+    model.train()
+    model.bottleneck.encoder.eval()  # a mixed state comes back as it was
+    before = {name: m.training for name, m in model.named_modules()}
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    report = evaluate_model(model, _test_split(loaded, 50), attacks=["pgd_linf", "noise"], eps=[0.1], sigmas=[0.1],
+                            **FAST)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert all(p.grad is None for p in model.parameters())
+    assert report["checks"][0]["name"] == "eval_mode" and report["checks"][0]["passed"]
+    assert "came in train mode" in report["checks"][0]["detail"]
+    model.eval()
+
+
+def test_evaluation_is_repeatable(loaded):
+    split = _test_split(loaded, 60)
+    a = evaluate_model(loaded.model, split, attacks=["pgd_linf"], eps=[0.1], **FAST)
+    b = evaluate_model(loaded.model, split, attacks=["pgd_linf"], eps=[0.1], **FAST)
+    assert [r["accuracy"] for r in a["robustness"]] == [r["accuracy"] for r in b["robustness"]]
+
+
+class _Quantised(torch.nn.Module):
+    """The trained model behind a rounding of its input to 4 grey levels: the forward pass is almost unchanged,
+    but the input gradient is zero everywhere (the classic masked gradient)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x, sample=True):
+        return self.inner(torch.round(x * 3) / 3, sample=sample)
+
+
+def test_a_masked_gradient_trips_the_masking_warning(loaded):
+    with pytest.warns(EvalWarning) as caught:
+        report = evaluate_model(_Quantised(loaded.model), _test_split(loaded), attacks=["fgsm", "pgd_linf"],
+                                eps=[0.1, 0.2], **FAST)
+    assert any("gradient masking" in str(w.message) for w in caught)
+    failed = {c["name"] for c in report["checks"] if c["passed"] is False}
+    assert {"gradients_reach_input", "unbounded_attack_succeeds"} <= failed
+    assert not report["all_checks_passed"]
+
+
+def test_cli_eval_writes_every_output(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code = main(["eval", str(run_dir), "--steps", "3", "--limit", "80", "--samples", "3", "--eot-samples", "2",
+                 "--eps", "0.05,0.1", "--eps-l2", "0.5", "--sigmas", "0.1"])
+    assert code == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["n"] == 80 and report["settings"]["steps"] == 3 and report["checkpoint"].endswith("best.pt")
+    assert report["all_checks_passed"] and math.isfinite(report["wall_seconds"])
+    rows = list(csv.DictReader((run_dir / "robustness.csv").open()))
+    assert {"attack", "variant", "eps", "accuracy", "accuracy_per_draw"} <= set(rows[0])
+    assert len(rows) == len(report["robustness"])
+    assert (run_dir / "robustness.png").stat().st_size > 1000
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"robust/pgd_linf/mean", "robust/eot_pgd/sampled", "eval/accuracy/mean"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("robust/pgd_linf/mean")] == [0, 50, 100]  # step = 1000 * eps
+    assert "robust/accuracy_vs_eps" in tags["images"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacks", "fgsm,cw"], "--attacks: unknown attack 'cw'; valid: eot_pgd, fgsm, noise, pgd_l2, pgd_linf"),
+    (["--eps=-0.1"], "--eps: -0.1 is out of range"),
+    (["--eps", "0.1,x"], "--eps: 'x' is not a number"),
+    (["--steps", "0"], "--steps: 0 is out of range"),
+])
+def test_bad_arguments_exit_2_with_one_line(run_dir, capsys, args, message):
+    assert main(["eval", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ib: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("target, message", [("missing_dir/best.pt", "checkpoint not found"),
+                                             ("empty", "no best.pt in run folder")])
+def test_missing_checkpoint_exits_2(tmp_path, capsys, target, message):
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_recipe_eval_section_runs_at_the_end_of_training(tmp_path):
+    run = tmp_path / "run"
+    fit(load_recipe(DIGITS, [*SMALL, "epochs=1", "eval.enabled=true", "eval.attacks=[pgd_linf]", "eval.eps=[0.1]",
+                             "eval.steps=2", "eval.limit=40", "eval.check_samples=20"]), run)
+    report = json.loads((run / "eval.json").read_text())
+    assert report["n"] == 40 and report["settings"]["attacks"] == ["fgsm", "pgd_linf"]
+    assert (run / "robustness.csv").is_file() and (run / "robustness.png").is_file()
