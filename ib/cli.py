@@ -1,4 +1,4 @@
-"""The `ib` command: `ib train RECIPE [key=value ...]`, `ib train --resume RUN_DIR`.
+"""The `ib` command: `ib train`, `ib eval`, `ib sweep`, `ib plane` (see `ib COMMAND --help`).
 
 Errors in the user's input (recipe, arguments, files) print one line and exit with status 2, no traceback.
 """
