@@ -7,6 +7,7 @@ import math
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ib.models.encoders import (
@@ -121,6 +122,22 @@ class JointCritic(Critic):
     def _pair(self, fx: Tensor, z: Tensor) -> Tensor:
         inputs = self._noise(torch.cat([fx, z], dim=-1), self.input_noise)  # [N, F + K]
         return self._from_first(self.layers[0](inputs))
+
+    def pair_scores(self, x: Tensor, z: Tensor, z_shuffled: Tensor) -> tuple[Tensor, Tensor]:
+        """As `Critic.pair_scores`, with the first layer split as W_x fx + W_z z + b: the x half (and its input
+        noise) is computed once per x and shared by all its pairings, the z half per pair. Each pair still sees
+        noisy x and noisy z; a joint pair and its shuffled twins share the draw on x. On MNIST-sized inputs this
+        saves about a quarter of the critic's arithmetic (784 of the first layer's 1,040 inputs).
+        """
+        b = x.shape[0]
+        p = z_shuffled.shape[0] // b
+        first = self.layers[0]
+        fx = self._noise(self.features(x), self.input_noise)  # [B, F]
+        zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise)  # [(P+1)*B, K]
+        h_x = F.linear(fx, first.weight[:, : self.x_features], first.bias)  # [B, H1], once per x
+        h = h_x.repeat(p + 1, 1) + F.linear(zz, first.weight[:, self.x_features :])  # [(P+1)*B, H1]
+        t = self._from_first(h)  # [(P+1)*B]
+        return t[:b], t[b:]
 
     def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:
         # Cost: the MLP runs on all B * M pairs, so memory and time grow as B^2; fine for batches of a few
