@@ -1,14 +1,42 @@
 """MI estimators against ground truth: correlated Gaussians with I = -d/2 log(1 - rho^2) nats."""
 import math
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import ib
-from ib.estimators import ESTIMATORS, MINE, dv_bound, log_mean_exp
+from ib.errors import ConfigError
+from ib.estimators import (
+    ESTIMATORS,
+    MINE,
+    InfoNCE,
+    MINEf,
+    clipped_dv,
+    dv_bound,
+    exp_capped,
+    gaussian_kl,
+    infonce_bound,
+    js_objective,
+    log_mean_exp,
+)
 from ib.estimators.base import marginal_shift
+from ib.models.bottlenecks import Code
 from ib.models.critics import CRITICS
+
+DIGITS = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
+CRITIC_BASED = [n for n in ESTIMATORS.names() if getattr(ESTIMATORS.get(n), "needs_critic", True)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny critics: a second OpenMP thread gains little and, on a loaded machine, costs up to 4x in waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def correlated_gaussians(n: int, d: int, mi: float, seed: int = 0):
@@ -68,15 +96,19 @@ def test_marginal_shift_has_no_fixed_points():
 
 
 class _ConstCritic(torch.nn.Module):
-    """A critic whose scores are set by the test: (t_joint, t_marginal)."""
+    """A critic whose scores are set by the test: (t_joint, t_marginal) for pairs; the matrix `s` for all pairs."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.t = (torch.zeros(4), torch.zeros(4))
+        self.s = torch.zeros(4, 4)
 
     def pair_scores(self, x, z, zm):
         return self.t[0] + self.w, self.t[1] + self.w
+
+    def scores(self, x, z):
+        return self.s[: len(x), : len(z)] + self.w
 
 
 def test_mine_moving_average_closed_form_and_state_dict():
@@ -115,27 +147,145 @@ def test_penalty_does_not_update_the_moving_average():
     assert torch.equal(before[0], est.log_ema) and torch.equal(before[1], est.ema_steps)
 
 
-@pytest.mark.parametrize("name", ESTIMATORS.names())
+@pytest.mark.parametrize("name", CRITIC_BASED)
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_estimators_stay_finite_on_extreme_critic_outputs(name, scale):
     critic = _ConstCritic()
     critic.t = (torch.full((4,), scale), torch.tensor([scale, -scale, 0.0, scale]))
+    critic.s = torch.tensor([[scale, -scale, 0.0, scale]] * 4)  # rows mix +-1e4; the diagonal is the joint pairs
     est = ESTIMATORS.create(name, critic)
+    x, z = torch.zeros(4, 1), torch.zeros(4, 1)
     for _ in range(3):
-        loss = est.loss(None, torch.zeros(4, 1))
-        if name == "mine":  # mine_f's e^(T-1) is unbounded by construction; its safeguard is the trainer's check
-            assert torch.isfinite(loss)
-            loss.backward()
-            assert torch.isfinite(critic.w.grad)
-    if name == "mine":
-        assert torch.isfinite(est.log_ema)
+        critic.w.grad = None
+        loss = est.loss(x, z)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert torch.isfinite(critic.w.grad)
+    penalty = est.penalty(x, z)
+    assert torch.isfinite(penalty)
+    penalty.backward()
+    assert torch.isfinite(critic.w.grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # InfoNCE at its ceiling
+        assert math.isfinite(est.estimate(x, z, permutations=2))
+    for buffer in est.buffers():  # MINE's moving average
+        assert torch.isfinite(buffer).all()
 
 
-@pytest.mark.parametrize("name", ESTIMATORS.names())
-def test_each_estimator_learns_dependence(name):
-    x, y = correlated_gaussians(4000, 5, 1.0)
-    est = ib.estimate_mi(x, y, estimator=name, steps=600, seed=0)
-    assert 0.7 < est < 1.2
+def test_exp_capped_is_exp_below_the_cap_and_its_tangent_above():
+    u = torch.tensor([-50.0, 0.0, 10.0, 29.0], requires_grad=True)
+    torch.testing.assert_close(exp_capped(u), u.detach().exp())
+    big = torch.tensor([40.0, 1e4], requires_grad=True)
+    out = exp_capped(big, cap=30.0)
+    torch.testing.assert_close(out, math.exp(30.0) * (1 + big.detach() - 30.0))
+    out.sum().backward()
+    torch.testing.assert_close(big.grad, torch.full((2,), math.exp(30.0)))
+
+
+def test_mine_f_bound_closed_form():
+    """E_P[T] - E_Q[e^(T-1)]: unchanged by the logsumexp form for ordinary scores."""
+    est = MINEf(_ConstCritic())
+    est.critic.t = (torch.tensor([1.0, 3.0]), torch.tensor([0.0, math.log(3.0)]))  # E_Q[e^T] = 2
+    assert (-est.loss(None, torch.zeros(2, 1))).item() == pytest.approx(2.0 - 2.0 / math.e)
+
+
+def test_jsd_trains_on_js_and_reports_dv():
+    """The loss's value is minus the DV bound (what the trainer logs); its gradient is that of minus JS."""
+    est = ESTIMATORS.create("jsd", _ConstCritic())
+    t_joint, t_marg = torch.tensor([2.0, 1.0, 3.0, 0.5]), torch.tensor([-1.0, 0.0, 0.5, -2.0])
+    est.critic.t = (t_joint, t_marg)
+    loss = est.loss(None, torch.zeros(4, 1))
+    assert loss.item() == pytest.approx(-dv_bound(t_joint, t_marg).item(), abs=1e-6)
+    loss.backward()
+    w = torch.zeros((), requires_grad=True)
+    (-js_objective(t_joint + w, t_marg + w)).backward()
+    assert est.critic.w.grad.item() == pytest.approx(w.grad.item(), abs=1e-6)
+    assert not est.loss_is_minus_penalty
+
+
+def test_smile_clips_the_partition_term_at_tau():
+    t_joint, t_marg = torch.tensor([1.0, 2.0]), torch.tensor([-9.0, 8.0])
+    expected = 1.5 - math.log((math.exp(-3.0) + math.exp(3.0)) / 2)  # e^T clipped to [e^-3, e^3]
+    assert clipped_dv(t_joint, t_marg, tau=3.0).item() == pytest.approx(expected, rel=1e-6)
+    est = ESTIMATORS.create("smile", _ConstCritic(), tau=3.0)
+    est.critic.t = (t_joint, t_marg)
+    assert est.penalty(None, torch.zeros(2, 1)).item() == pytest.approx(expected, rel=1e-6)
+    assert est.estimate(torch.zeros(2, 1), torch.zeros(2, 1), permutations=1) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="tau"):
+        ESTIMATORS.create("smile", _ConstCritic(), tau=0.0)
+
+
+def test_infonce_bound_closed_form():
+    s = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    rows = [2.0 - math.log((math.e**2 + 1) / 2), 1.0 - math.log(math.e)]
+    assert infonce_bound(s).item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+
+
+class _MatchCritic(torch.nn.Module):
+    """T(x, z) = -scale * |x - z|^2: with z = x, a perfect critic, so InfoNCE sits at its ceiling log B."""
+
+    def __init__(self, scale=1e4):
+        super().__init__()
+        self.scale = scale
+
+    def scores(self, x, z):
+        return -self.scale * torch.cdist(x, z).pow(2)  # [B, M]
+
+
+def test_infonce_held_out_estimate_is_blockwise_and_warns_at_its_ceiling():
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    est = InfoNCE(_MatchCritic())
+    with pytest.warns(UserWarning, match="ceiling"):
+        value = est.estimate(x, x, batch_size=64)  # 200 samples in 4 blocks of 50
+    assert value == pytest.approx(math.log(50), abs=1e-3) and value <= math.log(50) + 1e-6
+    scores = -1e4 * torch.cdist(x[:50], x[:50]).pow(2)
+    torch.testing.assert_close(torch.tensor(value), infonce_bound(scores), atol=1e-3, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # far from the ceiling: no warning
+        assert InfoNCE(_MatchCritic(scale=0.01)).estimate(x, x, batch_size=64) < 1.0
+
+
+def test_infonce_respects_its_ceiling_at_10_nats():
+    """Trained on 10 nats with batch 64, InfoNCE reads at most log B; in blocks of 16 it sits at log 16 and warns."""
+    torch.manual_seed(0)
+    critic = CRITICS.create("separable", (20,), 20, hidden=(128,), embed_dim=32, activation="relu")
+    est = ESTIMATORS.create("infonce", critic)
+    opt = torch.optim.Adam(est.parameters(), lr=2e-3)
+    for step in range(300):
+        x, y = correlated_gaussians(64, 20, 10.0, seed=step)
+        opt.zero_grad()
+        est.loss(x, y).backward()
+        opt.step()
+    x, y = correlated_gaussians(640, 20, 10.0, seed=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = est.estimate(x, y, batch_size=64)  # measured: 4.00
+    assert math.log(64) - 0.3 < value <= math.log(64) + 1e-6
+    with pytest.warns(UserWarning, match="ceiling"):
+        value = est.estimate(x, y, batch_size=16)
+    assert math.log(16) - 0.1 < value <= math.log(16) + 1e-6
+
+
+# Measured with estimate_mi(steps=800, marginals=1, batch 128, 6,400 training and 1,600 held-out samples; 2 seeds),
+# true MI 2 nats in d = 20: mine 1.77 / 1.78, mine_f 1.70 / 1.70, infonce 1.60 / 1.60, smile 1.79 / 1.83,
+# jsd 1.77 / 1.79. All read low (lower bounds with a finite critic); the tolerance is about 0.1 nats more than
+# the larger error measured, and an estimate may exceed the truth by at most 0.15 (sampling error of the bound).
+# mine is checked with its defaults by test_estimate_mi_on_gaussians.
+@pytest.mark.parametrize("name,tolerance", [("mine_f", 0.4), ("infonce", 0.5), ("smile", 0.35), ("jsd", 0.35)])
+def test_each_estimator_on_gaussians_at_2_nats(name, tolerance):
+    assert sorted(CRITIC_BASED) == ["infonce", "jsd", "mine", "mine_f", "smile"]  # a new estimator needs a case here
+    x, y = correlated_gaussians(8000, 20, 2.0)
+    est = ib.estimate_mi(x, y, estimator=name, steps=800, marginals=1, seed=0)
+    assert 2.0 - tolerance < est < 2.15, f"{name}: {est:.3f} vs true 2"
+
+
+def test_estimate_mi_with_a_separable_critic_and_rejects_vib_kl():
+    x, y = correlated_gaussians(2000, 4, 1.0)
+    assert 0.5 < ib.estimate_mi(x, y, estimator="mine", critic="separable", steps=300, seed=0) < 1.15
+    with pytest.raises(ConfigError, match="vib_kl"):
+        ib.estimate_mi(x, y, estimator="vib_kl")
+    with pytest.raises(ConfigError, match="critic"):
+        ib.estimate_mi(x, y, critic="deep")
 
 
 def test_held_out_estimate_uses_eval_mode_and_restores_it():
@@ -146,3 +296,62 @@ def test_held_out_estimate_uses_eval_mode_and_restores_it():
     b = est.estimate(x, z, generator=torch.Generator().manual_seed(0))
     assert a == b  # no noise layers at evaluation
     assert critic.training
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vib_kl: the VIB upper bound
+
+
+def test_vib_kl_equals_the_closed_form_kl():
+    mean = torch.tensor([[1.0, 0.0], [0.5, -2.0]])
+    std = torch.tensor([[1.0, 0.5], [2.0, 0.1]])
+    per_row = [0.5 * sum(m**2 + s**2 - 1 - 2 * math.log(s) for m, s in zip(mr, sr))
+               for mr, sr in zip(mean.tolist(), std.tolist())]
+    expected = sum(per_row) / 2
+    reference = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                                  torch.distributions.Normal(0.0, 1.0)).sum(-1).mean()
+    assert reference.item() == pytest.approx(expected, rel=1e-6)
+    est = ESTIMATORS.create("vib_kl", "gaussian")
+    code = Code(mean + std, mean.requires_grad_(), std)
+    penalty = est.penalty(None, code.z, code)
+    assert penalty.item() == pytest.approx(expected, rel=1e-6)
+    penalty.backward()
+    torch.testing.assert_close(mean.grad, mean.detach() / 2)  # d/d mean of the batch average
+    assert est.estimate(None, code.z, code=code) == pytest.approx(expected, rel=1e-6)
+    loss = est.loss(None, code.z)
+    assert loss.item() == 0.0 and not loss.requires_grad and not list(est.parameters())
+
+
+def test_vib_kl_is_finite_for_extreme_codes_and_needs_a_gaussian_code():
+    mean = torch.tensor([[1e4, -1e4]])
+    std = torch.tensor([[0.0, 1e4]])  # an underflowed std: log is taken of the smallest normal float
+    assert torch.isfinite(gaussian_kl(mean, std)).all()
+    est = ESTIMATORS.create("vib_kl", "gaussian")
+    with pytest.raises(ConfigError, match="Gaussian"):
+        est.penalty(None, torch.zeros(2, 3), Code(torch.zeros(2, 3)))
+    with pytest.raises(ConfigError, match="Gaussian"):
+        ESTIMATORS.create("vib_kl", "deterministic")
+
+
+def test_vib_kl_trains_end_to_end_on_digits(tmp_path):
+    from ib.recipe import load_recipe
+    from ib.train import fit
+
+    overrides = ["epochs=1", "mi.estimator=vib_kl", "model.encoder.hidden=[64]", "model.bottleneck.z_dim=8",
+                 "beta_schedule.delay=0", "beta=1e-2", "model.eval_samples=2"]
+    recipe = load_recipe(DIGITS, overrides)
+    metrics = fit(recipe, tmp_path / "vib")
+    assert metrics["status"] == "completed" and metrics["test_accuracy"] > 0.2  # chance: 0.1; 0.43 after one epoch
+    assert math.isfinite(metrics["I_XZ_nats"]) and metrics["I_XZ_nats"] > 0  # the held-out KL
+    assert (tmp_path / "vib" / "last.pt").exists()
+    assert "vib_kl" in (tmp_path / "vib" / "recipe.yaml").read_text()
+
+
+def test_vib_kl_rejects_a_deterministic_bottleneck_before_training(tmp_path):
+    from ib.recipe import load_recipe
+    from ib.train import fit
+
+    recipe = load_recipe(DIGITS, ["epochs=1", "mi.estimator=vib_kl", "model.bottleneck=deterministic"])
+    with pytest.raises(ConfigError, match="vib_kl needs a Gaussian encoder"):
+        fit(recipe, tmp_path / "det")
+    assert not (tmp_path / "det" / "last.pt").exists()

@@ -23,7 +23,7 @@ from ib.cli import main
 from ib.errors import CheckpointError
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
-from ib.models.critics import CRITICS, Critic
+from ib.models.critics import CRITICS, JointCritic
 from ib.recipe import load_recipe
 from ib.train import fit, train_step
 
@@ -337,7 +337,7 @@ class _Poison:
 
     def __init__(self, monkeypatch, bad_steps):
         self.bad_steps, self.calls, self.active, self.checked = bad_steps, 0, False, 0
-        real_step, real_scores = ib.train.train_step, Critic.pair_scores
+        real_step, real_scores = ib.train.train_step, JointCritic.pair_scores
 
         def step(model, estimator, optimizer, critic_optimizer, *args, **kwargs):
             self.calls += 1
@@ -359,7 +359,7 @@ class _Poison:
             return (t_joint + float("inf"), t_marginal) if self.active else (t_joint, t_marginal)
 
         monkeypatch.setattr(ib.train, "train_step", step)
-        monkeypatch.setattr(Critic, "pair_scores", pair_scores)
+        monkeypatch.setattr(JointCritic, "pair_scores", pair_scores)  # the recipes use the joint critic
 
 
 def test_one_bad_batch_is_skipped_and_counted(tmp_path, monkeypatch):

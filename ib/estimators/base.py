@@ -1,4 +1,4 @@
-"""The interface of a critic-based lower bound on mutual information.
+"""The interface of an estimator of I(X;Z), and the base of the critic-based lower bounds.
 
 An estimator keeps apart what it trains and what it reports:
 - `loss(x, z)`: what the critic's own optimiser minimises (minus a bound, maybe a surrogate whose gradient is
@@ -8,7 +8,11 @@ An estimator keeps apart what it trains and what it reports:
   the encoder's distribution rather than samples.
 - `estimate(x, z, code=...)`: the plain bound on (held-out) data, in nats, with no surrogate and no moving average.
 
-An estimator without parameters (no critic) needs no optimiser; the trainer then skips the critic's step.
+An estimator without parameters (no critic, e.g. `vib_kl`) needs no optimiser; the trainer then skips the critic's
+step. Its factory carries `needs_critic = False`, and the library passes it the bottleneck's name instead of a critic.
+
+Numerics: every log E[e^T] is a logsumexp, and every e^u that a loss needs goes through `exp_capped`, so that critic
+outputs of +-1e4 give finite losses and gradients.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from ib.models.bottlenecks import Code
 from ib.registry import Registry
 
 ESTIMATORS = Registry("estimator")
+
+EXP_CAP = 30.0  # e^30 ~ 1e13: beyond it e^u continues as a tangent line (see exp_capped)
 
 
 def marginal_shift(n: int, generator: torch.Generator | None = None) -> int:
@@ -37,16 +43,55 @@ def log_mean_exp(t: Tensor) -> Tensor:
     return torch.logsumexp(t, dim=0) - math.log(t.numel())
 
 
+def exp_capped(u: Tensor, cap: float = EXP_CAP) -> Tensor:
+    """e^u up to u = cap, continued beyond it by its tangent e^cap * (1 + u - cap).
+
+    Equal to exp for u <= cap (every value a sane critic produces); beyond, finite for u up to ~1e25 in float32,
+    with a gradient of e^cap that still pushes u down. Written as a sum of two branches, each with a finite
+    gradient, so that no inf * 0 appears in the backward pass.
+    """
+    return torch.exp(u.clamp(max=cap)) + math.exp(cap) * (u - cap).clamp(min=0.0)
+
+
 def dv_bound(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
     """Donsker-Varadhan: E_P[T] - log E_Q[e^T], from critic scores on joint and on marginal (shuffled) pairs."""
     return t_joint.mean() - log_mean_exp(t_marginal)
 
 
 class MIEstimator(nn.Module):
+    """An estimator of I(X;Z): a training loss for its own parameters, a penalty for the encoder, an estimate.
+
+    `loss_is_minus_penalty` says whether the loss's gradient is minus the penalty's (up to running statistics),
+    as for mine, mine_f and infonce: one backward pass through the loss can then serve both players (gradient
+    reversal). It is False for jsd and smile, whose critic trains on the Jensen-Shannon objective while the
+    encoder's penalty is a DV bound, and for vib_kl, which trains nothing.
+    """
+
+    loss_is_minus_penalty: bool = True
+
+    def loss(self, x: Tensor, z: Tensor) -> Tensor:
+        """What the estimator's optimiser minimises on a batch (x [B, ...], z [B, K]); a scalar."""
+        raise NotImplementedError
+
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
+        """The differentiable I(X;Z) term that the encoder minimises; a scalar, in nats."""
+        raise NotImplementedError
+
+    def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
+                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
+        """The reported value on a whole (held-out) set, in nats."""
+        raise NotImplementedError
+
+
+class CriticEstimator(MIEstimator):
     """A lower bound on I(X;Z) with a trainable critic T(x, z).
 
+    The held-out `estimate` is the Donsker-Varadhan bound of the critic (subclasses may report another function of
+    the same scores through `report`).
+
     Args:
-        critic: a statistics network with `pair_scores(x, z, z_marginal) -> (t_joint [B], t_marginal [P*B])`.
+        critic: a statistics network with `pair_scores(x, z, z_marginal) -> (t_joint [B], t_marginal [P*B])`
+            (and `scores(x, z) -> [B, B]` for the contrastive bounds).
         marginals: P, the shuffled pairings of each x per training step. More pairings lower the variance of the
             log E_Q[e^T] term (the weak spot of DV-type bounds) at (P+1)/2 times the critic's cost.
     """
@@ -68,16 +113,14 @@ class MIEstimator(nn.Module):
             z_marginal = torch.cat([torch.roll(z, shifts=s, dims=0) for s in shifts])
         return self.critic.pair_scores(x, z, z_marginal)
 
-    def loss(self, x: Tensor, z: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
-        raise NotImplementedError
+    def report(self, t_joint: Tensor, t_marginal: Tensor) -> Tensor:
+        """The reported value from scores on joint and marginal pairs: the DV bound."""
+        return dv_bound(t_joint, t_marginal)
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
                  permutations: int = 10, generator: torch.Generator | None = None) -> float:
-        """The DV bound on a whole (held-out) set, in nats.
+        """The DV bound (or the subclass's `report`) on a whole (held-out) set, in nats.
 
         Marginal pairs come from `permutations` random cyclic shifts of z over the whole set (not within a batch),
         so the log-mean-exp term averages over `permutations * N` independent-looking pairs.
@@ -104,4 +147,4 @@ class MIEstimator(nn.Module):
                     t_joint.append(tj)
                 t_marg.append(tm)
         self.critic.train(was_training)
-        return float(dv_bound(torch.cat(t_joint), torch.cat(t_marg)))
+        return float(self.report(torch.cat(t_joint), torch.cat(t_marg)))

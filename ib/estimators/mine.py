@@ -8,7 +8,9 @@ the corrected gradient as the gradient of the surrogate
     S = E_P[T] - exp(log E_Q[e^T] - log_ema) + 1 - log_ema,      (log_ema held constant)
 
 whose gradient is E_P[grad T] - E_Q[e^T grad T] / ema, and whose value equals the DV bound when the average is
-up to date. Updating the average with the current batch before use bounds the exponent by log(1 / rate).
+up to date. Updating the average with the current batch before use bounds the exponent by log(1 / rate) in the
+loss; the penalty reads the average without updating it, so there e^(...) goes through `exp_capped` (equal to exp
+for exponents up to 30), as does MINE-f's E_Q[e^(T-1)] = exp(log E_Q[e^T] - 1): finite for critic outputs of 1e4.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ib.errors import ConfigError
-from ib.estimators.base import ESTIMATORS, MIEstimator, log_mean_exp
+from ib.estimators.base import ESTIMATORS, CriticEstimator, dv_bound, exp_capped, log_mean_exp
 from ib.models.bottlenecks import Code
 
 
-class MINE(MIEstimator):
+class MINE(CriticEstimator):
     """Donsker-Varadhan bound trained with MINE's moving-average gradient correction.
 
     Args:
@@ -51,33 +53,36 @@ class MINE(MIEstimator):
             self.log_ema.copy_(torch.logaddexp(self.log_ema + math.log1p(-a), lme + math.log(a)) if a < 1 else lme)
         self.ema_steps += 1
 
-    def _surrogate(self, t_joint: Tensor, t_marginal: Tensor) -> Tensor:
+    def _surrogate(self, t_joint: Tensor, lme: Tensor) -> Tensor:
+        """S from the joint scores and lme = log E_Q[e^T] of the batch (differentiable)."""
         log_ema = self.log_ema.detach()
-        return t_joint.mean() - torch.exp(log_mean_exp(t_marginal) - log_ema) + 1.0 - log_ema
+        return t_joint.mean() - exp_capped(lme - log_ema) + 1.0 - log_ema
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         """Minus the bias-corrected bound, for the critic's optimiser; updates the moving average first."""
         t_joint, t_marginal = self.scores(x, z)
-        self._update_ema(log_mean_exp(t_marginal.detach()))
-        return -self._surrogate(t_joint, t_marginal)
+        lme = log_mean_exp(t_marginal)
+        self._update_ema(lme.detach())
+        return -self._surrogate(t_joint, lme)
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         """The bias-corrected bound for the encoder to minimise; the moving average is read, not updated."""
+        t_joint, t_marginal = self.scores(x, z)
         if int(self.ema_steps) == 0:  # no average yet: the plain DV bound
-            t_joint, t_marginal = self.scores(x, z)
-            return t_joint.mean() - log_mean_exp(t_marginal)
-        return self._surrogate(*self.scores(x, z))
+            return dv_bound(t_joint, t_marginal)
+        return self._surrogate(t_joint, log_mean_exp(t_marginal))
 
 
-class MINEf(MIEstimator):
+class MINEf(CriticEstimator):
     """MINE-f: the f-divergence (NWJ) bound E_P[T] - E_Q[e^(T - 1)], whose minibatch gradient is unbiased.
 
+    E_Q[e^(T-1)] is computed as exp(log-mean-exp(T) - 1) (`exp_capped`: finite for extreme scores, exact below).
     The reported estimate is the DV bound of the same critic (never below the f-bound for the same T).
     """
 
     def _bound(self, x: Tensor, z: Tensor) -> Tensor:
         t_joint, t_marginal = self.scores(x, z)
-        return t_joint.mean() - torch.exp(log_mean_exp(t_marginal) - 1.0)
+        return t_joint.mean() - exp_capped(log_mean_exp(t_marginal) - 1.0)  # E_Q[e^(T-1)] via logsumexp
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         return -self._bound(x, z)

@@ -1,0 +1,367 @@
+"""MI estimators on correlated Gaussians with known MI: the benchmark of Poole et al. (2019) and Song & Ermon (2020).
+
+x, y in R^20 with x ~ N(0, I) and y = rho x + sqrt(1 - rho^2) eps, so that I(X;Y) = -10 log(1 - rho^2) nats; the
+cubic variant reports I(X; Y^3), the same MI under an invertible map that a critic must learn to undo.
+
+Protocol (a staircase over training, as in both papers): one run per (estimator, variant, batch size, seed) trains
+its critic with Adam on fresh samples every step, and the true MI steps up 2 -> 4 -> 6 -> 8 -> 10 nats every
+`--steps` steps. Per level, the reported value is the library's own estimate on fresh batches of the training
+batch size, taken every few steps over the last quarter of the level and averaged. Every estimator, ours and
+torch-mist's, sees the same batches in lockstep: one step of each in turn, so that load from other processes on
+a shared machine falls on all of them alike, and the time per step of each is measured around its own
+zero_grad/loss/backward/Adam step only (no sampling, no evaluation).
+
+Critics (the same size for both libraries): a joint ReLU MLP 40-256-256-1 for the DV-type bounds and a separable
+critic <g(x), h(y)> with g, h ReLU MLPs 20-256-256 for InfoNCE (torch-mist's `hidden_dims=[256, 256]` for both).
+The reported DV-type values use 10 marginal pairings per sample for both libraries (ours: `permutations=10`;
+torch-mist: `neg_samples=10` while evaluating); InfoNCE contrasts each sample with the whole batch.
+
+    python benchmarks/mi_gaussian.py                    # the default run (~20 min on 2 shared CPU cores)
+    python benchmarks/mi_gaussian.py --steps 4000 --seeds 5     # the papers' length
+    python benchmarks/mi_gaussian.py --smoke --out /tmp/x.md    # a few steps, one level (seconds)
+
+torch-mist (`pip install torch-mist`, a benchmark-only dependency) is used where installed; `--peers` chooses.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from ib.estimators import ESTIMATORS  # noqa: E402
+from ib.models.critics import CRITICS  # noqa: E402
+
+DIM = 20
+HIDDEN = 256
+OURS = ("mine", "mine_f", "infonce", "smile", "jsd")
+PEERS = ("mine", "smile", "infonce")
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mi_gaussian.md"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def rho_for(mi: float, dim: int = DIM) -> float:
+    """Per-coordinate correlation giving I(X;Y) = mi nats for `dim` independent coordinate pairs."""
+    return math.sqrt(1.0 - math.exp(-2.0 * mi / dim))
+
+
+def sample(n: int, mi: float, cubic: bool, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pairs (x [n, 20], y [n, 20]) with I(X;Y) = mi; y cubed for the cubic variant (MI unchanged)."""
+    rho = rho_for(mi)
+    x = torch.randn(n, DIM, generator=g)
+    y = rho * x + math.sqrt(1.0 - rho**2) * torch.randn(n, DIM, generator=g)
+    return x, y**3 if cubic else y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two libraries behind one small adapter
+
+
+@dataclass
+class Contender:
+    """An estimator under test: `step(x, y)` trains it on a batch, `value(x, y)` is its estimate on a batch."""
+
+    library: str
+    name: str
+    module: torch.nn.Module
+    step_fn: Callable[[torch.Tensor, torch.Tensor], None]
+    value_fn: Callable[[torch.Tensor, torch.Tensor], float]
+    seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.library} {self.name}"
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.step_fn(x, y)
+        self.seconds += time.perf_counter() - t0
+        self.steps += 1
+
+    def value(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return self.value_fn(x, y)
+
+
+def _adam_step(module: torch.nn.Module, loss_fn: Callable, lr: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(x, y).backward()
+        opt.step()
+
+    return step
+
+
+def make_ours(name: str, lr: float, eval_negatives: int) -> Contender:
+    if name == "infonce":
+        critic = CRITICS.create("separable", (DIM,), DIM, hidden=(HIDDEN,), embed_dim=HIDDEN, activation="relu")
+    else:
+        critic = CRITICS.create("joint", (DIM,), DIM, hidden=(HIDDEN, HIDDEN), activation="relu", input_noise=0.0,
+                                hidden_noise=0.0)
+    est = ESTIMATORS.create(name, critic)
+
+    def value(x: torch.Tensor, y: torch.Tensor) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # InfoNCE's ceiling warning: the table shows the ceiling anyway
+            return est.estimate(x, y, batch_size=x.shape[0], permutations=eval_negatives)
+
+    return Contender("ib", name, est, _adam_step(est, est.loss, lr), value)
+
+
+def make_peer(name: str, lr: float, eval_negatives: int) -> Contender:
+    import torch_mist.estimators as tme
+
+    est = getattr(tme, name)(x_dim=DIM, y_dim=DIM, hidden_dims=[HIDDEN, HIDDEN])  # its defaults otherwise
+    train_negatives = est.neg_samples
+
+    def value(x: torch.Tensor, y: torch.Tensor) -> float:
+        # Fresh tensors every call: torch-mist caches critic outputs keyed on its arguments.
+        est.eval()
+        if name != "infonce":
+            est.neg_samples = eval_negatives
+        try:
+            with torch.no_grad():
+                return float(est.mutual_information(x, y))
+        finally:
+            est.neg_samples = train_negatives
+            est.train()
+
+    return Contender("torch-mist", name, est, _adam_step(est, est.loss, lr), value)
+
+
+def peers_available() -> bool:
+    return importlib.util.find_spec("torch_mist") is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One staircase run
+
+
+@dataclass
+class Config:
+    levels: Sequence[float]
+    steps: int
+    seeds: int
+    batch_sizes: Sequence[int]
+    variants: Sequence[str]
+    ours: Sequence[str]
+    peers: Sequence[str]
+    lr: float
+    eval_batches: int
+    eval_negatives: int
+    threads: int
+
+
+@dataclass
+class Result:
+    """Per contender label: per level, the estimate of each seed; and the training seconds and steps."""
+
+    values: Dict[str, Dict[float, List[float]]] = field(default_factory=dict)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    steps: Dict[str, int] = field(default_factory=dict)
+
+
+def staircase(cfg: Config, batch: int, cubic: bool, seed: int, result: Result, progress: Callable[[str], None]) -> None:
+    """Train every contender on one staircase; add its per-level estimates and its training time to `result`.
+
+    The steps of a level are cut into chunks of a few steps; each contender in turn trains on the same chunk of
+    batches, so that contenders share the machine's load alike while none pays for another's memory traffic. At
+    each chunk end in the last quarter of the level, each contender estimates the MI on the same fresh batches.
+    """
+    contenders: List[Contender] = []
+    for i, name in enumerate(cfg.ours):
+        torch.manual_seed(1000 * seed + i)
+        contenders.append(make_ours(name, cfg.lr, cfg.eval_negatives))
+    for i, name in enumerate(cfg.peers):
+        torch.manual_seed(1000 * seed + 100 + i)
+        contenders.append(make_peer(name, cfg.lr, cfg.eval_negatives))
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    window = max(1, cfg.steps // 4)
+    chunk = max(1, window // 4)
+    for level in cfg.levels:
+        evals: Dict[str, List[float]] = {c.label: [] for c in contenders}
+        done = 0
+        while done < cfg.steps:
+            batches = [sample(batch, level, cubic, g) for _ in range(min(chunk, cfg.steps - done))]
+            for c in contenders:
+                for x, y in batches:
+                    c.step(x, y)
+            done += len(batches)
+            if done > cfg.steps - window:
+                fresh = [sample(batch, level, cubic, g) for _ in range(cfg.eval_batches)]
+                for c in contenders:
+                    evals[c.label] += [c.value(x, y) for x, y in fresh]
+        for c in contenders:
+            vals = evals[c.label]
+            result.values.setdefault(c.label, {}).setdefault(level, []).append(statistics.fmean(vals))
+        progress(f"  level {level:g}: " + ", ".join(f"{c.label} {result.values[c.label][level][-1]:.2f}"
+                                                    for c in contenders))
+    for c in contenders:
+        result.seconds[c.label] = result.seconds.get(c.label, 0.0) + c.seconds
+        result.steps[c.label] = result.steps.get(c.label, 0) + c.steps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mist = ""
+    if peers_available():
+        from importlib.metadata import version
+
+        mist = f", torch-mist {version('torch-mist')}"
+    return (f"{cpu}, {os.cpu_count()} cores (torch threads: {torch.get_num_threads()}), Python "
+            f"{platform.python_version()}, torch {torch.__version__}{mist}")
+
+
+def _fmt(xs: List[float]) -> str:
+    m = statistics.fmean(xs)
+    return f"{m:.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{m:.2f}"
+
+
+def report(cfg: Config, results: Dict[tuple, Result], command: str, wall: float) -> str:
+    levels = list(cfg.levels)
+    lines = [
+        "# MI estimators on correlated Gaussians (Poole et al. 2019; Song & Ermon 2020)",
+        "",
+        "Written by `benchmarks/mi_gaussian.py`; do not edit by hand.",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"wall time {wall / 60:.1f} min",
+        f"- protocol: staircase over training, true MI {' -> '.join(f'{v:g}' for v in levels)} nats, "
+        f"{cfg.steps} steps per level, fresh samples every step (x, y in R^{DIM}); Adam lr {cfg.lr:g}; "
+        f"{cfg.seeds} seed(s). Per level: the mean of each library's estimate on {cfg.eval_batches} fresh batches of "
+        f"the training batch size at each of about 5 points in the last quarter of the level.",
+        f"- critics (both libraries): joint ReLU MLP {2 * DIM}-{HIDDEN}-{HIDDEN}-1 (mine, mine_f, smile, jsd); "
+        f"separable, two ReLU MLPs {DIM}-{HIDDEN}-{HIDDEN} (infonce). DV-type estimates use "
+        f"{cfg.eval_negatives} marginal pairings per sample in both libraries; InfoNCE the whole batch.",
+        "- cells: estimate in nats, mean ± standard deviation over seeds; `abs bias`: mean over levels of "
+        "|mean - true|; `sd`: mean over levels of the standard deviation over seeds; `s/1k steps`: training time "
+        "per 1,000 steps (lockstep, so all estimators shared the same load).",
+        "",
+    ]
+    for (variant, batch), res in results.items():
+        lines += [f"## {variant}, batch {batch} (InfoNCE ceiling log {batch} = {math.log(batch):.2f} nats)", ""]
+        lines.append("| estimator | " + " | ".join(f"MI = {v:g}" for v in levels) + " | abs bias | sd | s/1k steps |")
+        lines.append("|---|" + "---|" * (len(levels) + 3))
+        for label, per_level in res.values.items():
+            bias = statistics.fmean(abs(statistics.fmean(per_level[v]) - v) for v in levels)
+            sd = statistics.fmean(statistics.stdev(per_level[v]) if len(per_level[v]) > 1 else 0.0 for v in levels)
+            secs = res.seconds[label] / max(res.steps[label], 1) * 1000
+            cells = " | ".join(_fmt(per_level[v]) for v in levels)
+            lines.append(f"| {label} | {cells} | {bias:.2f} | {sd:.2f} | {secs:.2f} |")
+        lines.append("")
+        if any(label.startswith("torch-mist") for label in res.values):
+            lines += goal_lines(res, levels)
+    return "\n".join(lines) + "\n"
+
+
+def goal_lines(res: Result, levels: Sequence[float]) -> List[str]:
+    """The issue's goals: per level, our best |error| against torch-mist's best; MINE's time per step."""
+    def best(prefix: str, v: float) -> tuple[float, str]:
+        errs = [(abs(statistics.fmean(per[v]) - v), label.split(" ", 1)[1])
+                for label, per in res.values.items() if label.startswith(prefix)]
+        return min(errs)
+
+    out = ["| level | best of ours: abs error | best of torch-mist: abs error | met |", "|---|---|---|---|"]
+    for v in levels:
+        (eo, no), (ep, np_) = best("ib ", v), best("torch-mist ", v)
+        out.append(f"| {v:g} | {eo:.2f} ({no}) | {ep:.2f} ({np_}) | {'yes' if eo <= ep else 'no'} |")
+    if "ib mine" in res.seconds and "torch-mist mine" in res.seconds:
+        ours = res.seconds["ib mine"] / max(res.steps["ib mine"], 1)
+        theirs = res.seconds["torch-mist mine"] / max(res.steps["torch-mist mine"], 1)
+        out += ["", f"MINE time per step, ours / torch-mist's: {ours / theirs:.2f} (goal: <= 0.5)."]
+    return out + [""]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="training steps per MI level (the papers: 4000)")
+    p.add_argument("--seeds", type=int, default=2, help="independent runs (critic init and data)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--levels", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0, 10.0], help="true MI, nats")
+    p.add_argument("--variants", nargs="+", choices=["gaussian", "cubic"], default=["gaussian", "cubic"])
+    p.add_argument("--estimators", nargs="+", choices=OURS, default=list(OURS), help="ours")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=None,
+                   help="torch-mist's estimators (default: all three where torch-mist is installed; none: --peers)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for every critic")
+    p.add_argument("--eval-batches", type=int, default=5, help="fresh batches per evaluation point (5 points a level)")
+    p.add_argument("--eval-negatives", type=int, default=10, help="marginal pairings per sample in DV estimates")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared machine)")
+    p.add_argument("--smoke", action="store_true", help="a plumbing check: 8 steps, one level, one seed, batch 32")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        args.steps, args.seeds, args.batch_sizes, args.levels, args.variants = 8, 1, [32], [2.0], ["gaussian"]
+        args.eval_batches = 1
+    peers = list(PEERS) if args.peers is None else args.peers
+    if peers and not peers_available():
+        if args.peers:
+            raise SystemExit("--peers: torch-mist is not installed (pip install torch-mist)")
+        print("torch-mist is not installed: benchmarking ib's estimators only", file=sys.stderr)
+        peers = []
+    torch.set_num_threads(args.threads)
+    cfg = Config(levels=args.levels, steps=args.steps, seeds=args.seeds, batch_sizes=args.batch_sizes,
+                 variants=args.variants, ours=args.estimators, peers=peers, lr=args.lr,
+                 eval_batches=args.eval_batches, eval_negatives=args.eval_negatives,
+                 threads=args.threads)
+    t0 = time.perf_counter()
+    results: Dict[tuple, Result] = {}
+    for variant in cfg.variants:
+        for batch in cfg.batch_sizes:
+            res = results.setdefault((variant, batch), Result())
+            for seed in range(cfg.seeds):
+                print(f"{variant}, batch {batch}, seed {seed} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                staircase(cfg, batch, variant == "cubic", seed, res, lambda m: print(m, flush=True))
+    wall = time.perf_counter() - t0
+    command = "python benchmarks/mi_gaussian.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                      else sys.argv[1:]))
+    text = report(cfg, results, command.strip(), wall)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

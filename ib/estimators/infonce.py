@@ -1,0 +1,96 @@
+"""InfoNCE (van den Oord et al. 2018; the bound of Poole et al. 2019): a contrastive lower bound on I(X;Z).
+
+On a batch of B pairs with all-pairs critic scores S [B, B] (row i is x_i, the diagonal holds the joint pairs),
+
+    I_NCE = mean_i [ S_ii - log( (1/B) sum_j e^(S_ij) ) ] = mean_i log softmax_i(S_i)_i + log B  <=  log B.
+
+The bound has low variance but can never exceed log B: at B = 128 that is 4.85 nats, whatever the true MI. Use it
+where I(X;Z) is a few nats or less, or where its low variance matters more than its bias (a penalty whose scale
+is capped); for large MI use a DV-type bound (`smile`, `mine`).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ib.estimators.base import ESTIMATORS, CriticEstimator
+from ib.models.bottlenecks import Code
+
+CEILING_MARGIN = 0.1  # nats: an estimate this close to log(B) is reported with a warning
+
+
+def infonce_bound(s: Tensor) -> Tensor:
+    """InfoNCE from all-pairs scores s [B, M] whose first B columns' diagonal holds the joint pairs (M >= B)."""
+    b, m = s.shape
+    return s.diagonal().mean() - (torch.logsumexp(s, dim=1) - math.log(m)).mean()
+
+
+class InfoNCE(CriticEstimator):
+    """The InfoNCE bound, trained and reported with every other sample in the batch as a negative.
+
+    Needs a critic with `scores(x, z) -> [B, B]`. A `separable` critic computes those B^2 scores with one matrix
+    product; a `joint` critic runs its MLP on all B^2 pairs (fine for B of a few hundred).
+
+    The held-out `estimate` over N samples splits them into ceil(N / batch_size) nearly equal blocks and averages
+    the bound of each block (each sample is contrasted with the others of its block), so its ceiling is
+    log(block size), about log(min(batch_size, N)); a warning is raised when the estimate comes within 0.1 nats of
+    it, because the true value may then be anything above.
+    """
+
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__(critic)
+
+    def _bound(self, x: Tensor, z: Tensor) -> Tensor:
+        return infonce_bound(self.critic.scores(x, z))  # scores [B, B]
+
+    def loss(self, x: Tensor, z: Tensor) -> Tensor:
+        return -self._bound(x, z)
+
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
+        return self._bound(x, z)
+
+    @torch.no_grad()
+    def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
+                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
+        """The InfoNCE bound on a (held-out) set, in blocks of about `batch_size` samples, in nats.
+
+        Args:
+            x: inputs [N, ...]; z: codes [N, K].
+            code: unused.
+            batch_size: the block size, hence the ceiling log(block size); a joint critic scores each block's
+                pairs in row chunks of about 65,536 pairs, so memory stays bounded.
+            permutations: unused (every pair within a block is scored).
+            generator: unused (the blocks are fixed).
+        """
+        n = z.shape[0]
+        if n < 2:
+            raise ValueError(f"InfoNCE needs at least 2 samples, got {n}")
+        was_training = self.critic.training
+        self.critic.eval()
+        blocks = torch.arange(n, device=z.device).tensor_split(math.ceil(n / max(batch_size, 2)))
+        total, ceiling = 0.0, 0.0
+        for idx in blocks:
+            m = idx.numel()
+            if m < 2:  # a lone sample has no negatives; it can only happen for n < 2, excluded above
+                continue
+            zb = z[idx]
+            rows = max(1, 65_536 // m)
+            s = torch.cat([self.critic.scores(x[idx[i:i + rows]], zb) for i in range(0, m, rows)])  # [m, m]
+            total += float(infonce_bound(s)) * m
+            ceiling += math.log(m) * m
+        self.critic.train(was_training)
+        value, ceiling = total / n, ceiling / n
+        if value > ceiling - CEILING_MARGIN:
+            warnings.warn(
+                f"InfoNCE estimate {value:.3f} nats is within {CEILING_MARGIN} of its ceiling log(block size) = "
+                f"{ceiling:.3f}: the true I(X;Z) may be far higher. Use larger blocks (batch_size) or a DV-type "
+                f"estimator (smile, mine)", stacklevel=2)
+        return value
+
+
+@ESTIMATORS.register("infonce")
+def infonce(critic: nn.Module, /) -> InfoNCE:
+    return InfoNCE(critic)

@@ -1,0 +1,79 @@
+"""The variational upper bound of VIB (Alemi et al., ICLR 2017) for Gaussian encoders.
+
+For p(z|x) = N(mean(x), diag(std(x)^2)) and any prior r(z),
+
+    I(X;Z) = E_x KL(p(z|x) || p(z)) <= E_x KL(p(z|x) || r(z)),
+
+here with r = N(0, I) and the KL in closed form, summed over the K code dimensions:
+
+    KL = 1/2 sum_k (mean_k^2 + std_k^2 - 1 - 2 log std_k).
+
+No critic and no parameters: the trainer gives it no optimiser and skips the critic's step, and `ib train
+RECIPE mi.estimator=vib_kl` runs the VIB baseline from the same recipes. It needs the encoder's mean and std, so it
+applies to the `gaussian` bottleneck only (other bottlenecks are rejected before training) and not to
+`ib.estimate_mi` on samples.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ib.errors import ConfigError
+from ib.estimators.base import ESTIMATORS, MIEstimator
+from ib.models.bottlenecks import Code
+
+GAUSSIAN_BOTTLENECKS = ("gaussian",)  # bottlenecks whose Code carries mean and std
+
+
+def gaussian_kl(mean: Tensor, std: Tensor) -> Tensor:
+    """KL(N(mean, diag(std^2)) || N(0, I)) per row, summed over the last dimension: [N, K] -> [N].
+
+    log std is taken of std clamped at the dtype's smallest normal number, so an underflowed std (softplus of a
+    very negative input) gives a large finite KL rather than inf.
+    """
+    log_std = std.clamp_min(torch.finfo(std.dtype).tiny).log()
+    return 0.5 * (mean.pow(2) + std.pow(2) - 1.0).sum(-1) - log_std.sum(-1)
+
+
+def _gaussian(code: Code | None) -> Code:
+    if code is None or code.mean is None or code.std is None:
+        raise ConfigError("vib_kl needs the Gaussian encoder's mean and std (model.bottleneck=gaussian)")
+    return code
+
+
+class VariationalKL(MIEstimator):
+    """E_x KL(N(mean, std^2) || N(0, I)), the VIB upper bound on I(X;Z), from the encoder's `Code`."""
+
+    loss_is_minus_penalty = False  # nothing to train; the penalty needs the Code
+
+    def loss(self, x: Tensor, z: Tensor) -> Tensor:
+        """Nothing to train: a zero that needs no gradient."""
+        return torch.zeros((), device=z.device, dtype=z.dtype)
+
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
+        """The batch average of the KL, differentiable in the encoder's mean and std."""
+        code = _gaussian(code)
+        return gaussian_kl(code.mean, code.std).mean()
+
+    @torch.no_grad()
+    def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
+                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
+        """The average KL over the (held-out) set, in nats; the other arguments are unused."""
+        code = _gaussian(code)
+        return float(gaussian_kl(code.mean, code.std).double().mean())
+
+
+@ESTIMATORS.register("vib_kl")
+def vib_kl(bottleneck: str, /) -> VariationalKL:
+    """The VIB upper bound; the library passes the bottleneck's registry name (no critic).
+
+    Args:
+        bottleneck: name of the model's bottleneck; only a Gaussian one has the mean and std the KL needs.
+    """
+    if bottleneck not in GAUSSIAN_BOTTLENECKS:
+        raise ConfigError(f"mi.estimator: vib_kl needs a Gaussian encoder (model.bottleneck=gaussian), got "
+                          f"model.bottleneck={bottleneck}; use a critic-based estimator (mine, smile, ...) instead")
+    return VariationalKL()
+
+
+vib_kl.needs_critic = False  # build_estimator passes the bottleneck's name instead of a critic
