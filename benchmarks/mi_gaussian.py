@@ -16,7 +16,7 @@ critic <g(x), h(y)> with g, h ReLU MLPs 20-256-256 for InfoNCE (torch-mist's `hi
 The reported DV-type values use 10 marginal pairings per sample for both libraries (ours: `permutations=10`;
 torch-mist: `neg_samples=10` while evaluating); InfoNCE contrasts each sample with the whole batch.
 
-    python benchmarks/mi_gaussian.py                    # the default run (~20 min on 2 shared CPU cores)
+    python benchmarks/mi_gaussian.py                    # the default run (~13 min on 2 shared CPU cores)
     python benchmarks/mi_gaussian.py --steps 4000 --seeds 5     # the papers' length
     python benchmarks/mi_gaussian.py --smoke --out /tmp/x.md    # a few steps, one level (seconds)
 

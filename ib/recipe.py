@@ -177,7 +177,7 @@ def _critic_optimizer() -> OptimConfig:
 @dataclass
 class MIConfig:
     enabled: bool = _field(True, "train a critic and estimate I(X;Z); required when beta > 0")
-    estimator: Component = _component("mine", "estimator", "the bound on I(X;Z): mine (DV + moving average), mine_f")
+    estimator: Component = _component("mine", "estimator", "the I(X;Z) term: mine, mine_f, infonce, smile, jsd, vib_kl (see README)")
     critic: Component = _component("joint", "critic", "statistics network T(x, z)")
     optimizer: OptimConfig = field(
         default_factory=_critic_optimizer, metadata={"help": "the critic's own optimizer (it maximises the bound)"}
@@ -185,7 +185,7 @@ class MIConfig:
     critic_steps: int = _field(1, "critic updates per encoder update, on the same batch", ge=1, le=100)
     fused: bool = _field(True, "one critic forward serves both players (gradient reversal); false: the critic "
                          "steps first on detached z, then the encoder meets the updated critic (always so when "
-                         "critic_steps > 1)")
+                         "critic_steps > 1, and for jsd/smile, whose critic loss is not minus their penalty)")
     eval_permutations: int = _field(10, "shuffled pairings per sample for the held-out estimate", ge=1, le=1000)
 
 

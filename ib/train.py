@@ -184,7 +184,8 @@ def train_step(
     The step is skipped (no optimiser steps, gradients dropped, the estimator's buffers such as MINE's moving
     average put back) when a loss or gradient is not finite. Finiteness is checked with one device sync.
     """
-    if fused and estimator is not None and critic_optimizer is not None and critic_steps == 1:
+    if (fused and estimator is not None and critic_optimizer is not None and critic_steps == 1
+            and getattr(estimator, "loss_is_minus_penalty", True)):  # jsd/smile: the critic's loss is not -penalty
         return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip)
     code = model.encode(x)  # z [B, K], sampled once for both players
     mi_bound = torch.full((), math.nan)
@@ -407,7 +408,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         if self.estimator is not None:
             self.estimator.load_state_dict(state["estimator"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+            if self.critic_optimizer is not None:  # critic-free bounds (vib_kl) have no optimiser
+                self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.beta_schedule.load_state_dict(state["beta_schedule"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])

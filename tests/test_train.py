@@ -204,3 +204,25 @@ def test_fused_and_two_pass_both_train(tmp_path):
     for fused in ("true", "false"):
         m = fit(load_recipe(DIGITS, ["epochs=3", *SMALL, f"mi.fused={fused}"]), tmp_path / fused)
         assert m["test_accuracy"] > 0.5 and math.isfinite(m["I_XZ_nats"])
+
+
+def test_vib_kl_run_resumes(tmp_path):
+    """A critic-free bound has no critic optimiser: stopping and resuming must still work and match."""
+    over = ["epochs=2", "mi.estimator=vib_kl", "model.encoder.hidden=[32]", "model.bottleneck.z_dim=8",
+            "beta_schedule.delay=0", "model.eval_samples=0"]
+    fit(load_recipe(DIGITS, over), tmp_path / "straight")
+    fit(load_recipe(DIGITS, over), tmp_path / "split", stop_after=1)
+    fit(load_recipe(DIGITS, over), tmp_path / "split", resume=True)
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "split")
+
+
+def test_fused_flag_leaves_jsd_on_the_two_pass_step(monkeypatch, tmp_path):
+    import ib.train
+
+    calls = []
+    real = ib.train._fused_step
+    monkeypatch.setattr(ib.train, "_fused_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fit(load_recipe(DIGITS, ["epochs=1", *SMALL, "mi.estimator=jsd"]), tmp_path / "jsd")
+    assert not calls  # JS-trained critic: the encoder's DV penalty needs its own pass
+    fit(load_recipe(DIGITS, ["epochs=1", *SMALL]), tmp_path / "mine")
+    assert calls
