@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ib.estimators import MIEstimator
+from ib.estimators import MIEstimator, gaussian_kl
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier
 
@@ -26,11 +26,6 @@ Units = Literal["nats", "bits"]
 
 def to_units(nats: float, units: Units) -> float:
     return nats / math.log(2.0) if units == "bits" else nats
-
-
-def gaussian_kl(mean: Tensor, std: Tensor) -> Tensor:
-    """KL(N(mean, diag(std^2)) || N(0, I)) per row, summed over the K code dimensions: [N, K] -> [N]."""
-    return 0.5 * (mean.pow(2) + std.pow(2) - 1.0).sum(-1) - std.clamp_min(1e-30).log().sum(-1)
 
 
 def label_entropy(y: Tensor, num_classes: int) -> float:
