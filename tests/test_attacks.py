@@ -15,13 +15,7 @@ from ib.attacks import (classification_loss, eot_pgd, fgsm, gaussian_noise, mean
                         sampled_loss)
 from ib.models.classifier import build_classifier
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP start-up costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 D = 4  # few pixels: the margins are comparable to the radii, so the worst case is neither 0 nor 1

@@ -30,13 +30,7 @@ DIGITS = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
 CRITIC_BASED = [n for n in ESTIMATORS.names() if getattr(ESTIMATORS.get(n), "needs_critic", True)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny critics: a second OpenMP thread gains little and, on a loaded machine, costs up to 4x in waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 def correlated_gaussians(n: int, d: int, mi: float, seed: int = 0):

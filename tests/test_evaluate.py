@@ -19,13 +19,7 @@ SMALL = ["epochs=3", "model.encoder.hidden=[128]", "mi.critic.hidden=[64]", "mod
 FAST = dict(steps=5, samples=4, eot_samples=4, batch_size=200, check_samples=100)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP start-up costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
 
 
 @pytest.fixture(scope="module")
