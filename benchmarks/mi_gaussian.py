@@ -47,6 +47,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from ib.estimators import ESTIMATORS  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
+from ib.recipe import OptimConfig  # noqa: E402
+from ib.train import build_optimizer  # noqa: E402
 
 DIM = 20
 HIDDEN = 256
@@ -102,8 +104,10 @@ class Contender:
         return self.value_fn(x, y)
 
 
-def _adam_step(module: torch.nn.Module, loss_fn: Callable, lr: float) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
+def _adam_step(module: torch.nn.Module, loss_fn: Callable, lr: float,
+               opt: Optional[torch.optim.Optimizer] = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A training step; `opt` defaults to torch's Adam with its defaults (what torch-mist's own training uses)."""
+    opt = opt or torch.optim.Adam(module.parameters(), lr=lr)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -126,7 +130,9 @@ def make_ours(name: str, lr: float, eval_negatives: int) -> Contender:
             warnings.simplefilter("ignore")  # InfoNCE's ceiling warning: the table shows the ceiling anyway
             return est.estimate(x, y, batch_size=x.shape[0], permutations=eval_negatives)
 
-    return Contender("ib", name, est, _adam_step(est, est.loss, lr), value)
+    # The library's own optimiser builder, as `ib train` uses for the critic: Adam, fused where torch has it.
+    opt = build_optimizer(OptimConfig(name="adam", lr=lr), list(est.parameters()))
+    return Contender("ib", name, est, _adam_step(est, est.loss, lr, opt), value)
 
 
 def make_peer(name: str, lr: float, eval_negatives: int) -> Contender:

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -30,6 +31,7 @@ from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, Split, load_data
 from ib.errors import CheckpointError, ConfigError, IBError
 from ib.estimators import ESTIMATORS, MIEstimator
+from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
@@ -82,7 +84,22 @@ def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.o
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     opt_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return opt_cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if _fused_adam_ok(params):
+        # One kernel for the whole update instead of a dozen foreach ops: 0.3 ms of a 2.9 ms MINE critic step on
+        # 2 CPU cores (benchmarks/mi_gaussian.py). Same update rule; the state_dict is interchangeable.
+        try:
+            return opt_cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # an older torch without fused CPU kernels
+            pass
+    return opt_cls(params, **kwargs)
+
+
+def _fused_adam_ok(params: Sequence[nn.Parameter]) -> bool:
+    """Whether fused Adam(W) applies: floating-point parameters, all on one CPU or CUDA device."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,6 +211,8 @@ def train_step(
         mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps)
         checks.append(mi_bound)  # NaN when the critic's update was not finite
     out = ib_objective(model, estimator, x, y, beta, code=code)
+    if estimator is not None and critic_optimizer is None:  # critic-free (vib_kl): report its own bound
+        mi_bound = out["mi"].detach() if beta > 0 else _penalty_value(estimator, x, code)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -209,6 +228,11 @@ def train_step(
     correct = (out["logits"].detach().argmax(1) == y).sum()
     return {"loss": out["loss"].detach(), "ce": out["ce"].detach(), "mi_bound": mi_bound.to(x.device),
             "correct": correct, "finite": torch.tensor(finite)}
+
+
+@torch.no_grad()
+def _penalty_value(estimator: MIEstimator, x: Tensor, code: Code) -> Tensor:
+    return estimator.penalty(x, code.z, code)
 
 
 def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
@@ -238,6 +262,15 @@ def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.op
     correct = (out["logits"].detach().argmax(1) == y).sum()
     return {"loss": out["loss"], "ce": out["ce"].detach(), "mi_bound": out["mi"] if finite else out["mi"] * math.nan,
             "correct": correct, "finite": torch.tensor(finite)}
+
+
+def _log_once(caught: List[warnings.WarningMessage], warned: set, epoch: int) -> None:
+    """Log each kind of warning (its category and origin) once per run, not once per epoch."""
+    for w in caught:
+        key = (w.category, w.filename, w.lineno)
+        if key not in warned:
+            warned.add(key)
+            log.warning("epoch %d: %s (said once per run)", epoch, w.message)
 
 
 class StopFlag:
@@ -607,6 +640,7 @@ def fit(
     last_row: Dict[str, float] = {}
     last_plane: Dict[str, float] = {}
     train_seconds = sum(run.epoch_seconds)
+    warned: set = set()  # warnings already logged this run
     status = "running"
     if run.epoch:
         log.info("resuming %s at epoch %d/%d (step %d)", run_dir, run.epoch + 1, r.epochs, run.step)
@@ -649,8 +683,12 @@ def fit(
             if r.model.eval_samples:
                 row.update({"acc/val_sampled": val["acc_sampled"], "acc/test_sampled": test["acc_sampled"]})
             t2 = time.perf_counter()
-            plane = information_plane(run.model, run.estimator, probe.x, probe.y, batch_size=r.data.eval_batch_size,
-                                      permutations=r.mi.eval_permutations, seed=r.seed)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                plane = information_plane(run.model, run.estimator, probe.x, probe.y,
+                                          batch_size=r.data.eval_batch_size, permutations=r.mi.eval_permutations,
+                                          seed=r.seed)
+            _log_once(caught, warned, epoch)
             row.update({f"mi/{k}": to_units(v, r.monitor.units) for k, v in plane.items()})
             row["time/plane_s"] = time.perf_counter() - t2
             eval_time = time.perf_counter() - t1

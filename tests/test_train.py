@@ -226,3 +226,22 @@ def test_fused_flag_leaves_jsd_on_the_two_pass_step(monkeypatch, tmp_path):
     assert not calls  # JS-trained critic: the encoder's DV penalty needs its own pass
     fit(load_recipe(DIGITS, ["epochs=1", *SMALL]), tmp_path / "mine")
     assert calls
+
+
+def test_a_warning_from_the_plane_is_logged_once_per_run(monkeypatch, tmp_path, caplog):
+    """InfoNCE's ceiling warning comes from every epoch's estimate; the run log says it once."""
+    import warnings
+
+    import ib.train
+
+    real = ib.train.information_plane
+
+    def warning_plane(*args, **kwargs):
+        warnings.warn("estimate near its ceiling")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ib.train, "information_plane", warning_plane)
+    with caplog.at_level("WARNING", logger="ib.train"):
+        fit(load_recipe(DIGITS, ["epochs=3", *SMALL]), tmp_path / "run")
+    said = [r for r in caplog.records if "estimate near its ceiling" in r.getMessage()]
+    assert len(said) == 1 and "epoch 1" in said[0].getMessage()
