@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -65,6 +66,8 @@ def _train(args: argparse.Namespace) -> int:
     metrics = fit(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite, stop_after=args.stop_after,
                   handle_signals=True)
     if metrics["status"] == "interrupted":
+        if int(os.environ.get("RANK", "0") or 0) > 0:
+            return EXIT_INTERRUPTED
         log.warning("interrupted: last.pt saved; continue with: ib train --resume %s", run_dir)
         return EXIT_INTERRUPTED
     if metrics["status"] == "stopped":
@@ -81,7 +84,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     betas = parse_list(args.beta, "beta")
     seeds = parse_list(args.seeds, "seeds", int)
-    rows = run_sweep(args.recipe, betas, seeds, args.overrides, args.sweep_dir, handle_signals=True)
+    rows = run_sweep(args.recipe, betas, seeds, args.overrides, args.sweep_dir, handle_signals=True,
+                     nproc_per_node=args.nproc_per_node)
     if any(r["status"] != "completed" for r in rows):
         return EXIT_INTERRUPTED
     for r in rows:
@@ -137,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--beta", required=True, metavar="LIST", help="comma-separated betas, e.g. 0,1e-4,1e-3,1e-2")
     sweep.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds (default: 0)")
     sweep.add_argument("--sweep-dir", metavar="DIR", help="sweep folder (default: <output_dir>/<name>_sweep)")
+    sweep.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                       help="train each run data-parallel with torchrun on N processes of this machine (default: 1)")
     sweep.set_defaults(func=_sweep)
 
     plane = sub.add_parser("plane", help="write information-plane plots as PNG", description="Write plane.png "
@@ -174,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+    other_rank = int(os.environ.get("RANK", "0") or 0) > 0  # under torchrun, rank 0 alone reports progress
+    logging.basicConfig(level=logging.WARNING if args.quiet or other_rank else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     if args.command is None:
         parser.print_help(sys.stderr)

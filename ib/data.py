@@ -670,6 +670,10 @@ class BatchLoader:
         device: Where the split is held and batches are made.
         augment: Optional `fn(x [B, C, H, W] float, generator) -> x` applied to each batch.
         seed: Seed of the loader's generator.
+        rank, world_size: Data parallelism: every process draws the same order of global batches of `batch_size`
+            and keeps rows [rank * b, (rank + 1) * b) of each, b = batch_size / world_size. Augmentation runs on
+            the whole global batch, so the generator advances alike in every process and `state_dict()` is the
+            same everywhere: a run stopped with N processes resumes with any other number.
     """
 
     def __init__(
@@ -682,9 +686,18 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         augment: Optional[Augment] = None,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        if batch_size % world_size:
+            raise ConfigError(f"data.batch_size={batch_size} is the global batch and must divide by the number of "
+                              f"processes ({world_size})")
+        if world_size > 1 and not drop_last:
+            raise ValueError("a loader shared by several processes needs drop_last (whole global batches)")
+        part = batch_size // world_size
+        self._rows = slice(rank * part, (rank + 1) * part)  # this process's rows of each global batch
         self.device = torch.device(device)
         self.x = split.x.to(self.device)  # [N, C, H, W], dtype kept (uint8 for images)
         self.y = split.y.to(self.device)  # [N]
@@ -717,13 +730,16 @@ class BatchLoader:
         order = self._order.to(self.device)
         while self._position < len(self):
             i = self._position
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]  # [B]
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]  # the global batch [B]
+            if self.augment is None:
+                idx = idx[self._rows]  # this process's rows [B / world_size]
             x = self.x[idx]
             x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()  # [B, C, H, W] in [0, 1]
+            y = self.y[idx]
             if self.augment is not None:
-                x = self.augment(x, self.generator)
+                x, y = self.augment(x, self.generator)[self._rows], y[self._rows]
             self._position += 1
-            yield x, self.y[idx]
+            yield x, y
         self._order, self._position = None, 0
 
     def state_dict(self) -> Dict[str, Tensor | int]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ def fused_minimax_objective(
     x: Tensor,
     y: Tensor,
     beta: float,
+    *,
+    forward: Optional[Callable[[Tensor], Tuple[Code, Tensor]]] = None,
+    critic_loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> Dict[str, Tensor]:
     """Both players' losses from ONE forward of the critic, for one backward pass.
 
@@ -62,16 +65,36 @@ def fused_minimax_objective(
     step (critic on detached z, then the encoder on CE + beta * penalty) taken at the same critic and moving
     average; the moving average is updated once, by the critic's loss, as in the two-pass step.
 
+    `forward` (x -> (code, logits)) and `critic_loss_fn` ((x, z) -> critic loss) replace `encode_decode(model, .)`
+    and `estimator.loss`: the trainer passes their DistributedDataParallel wrappers under torchrun.
+
     Returns:
         {"objective" (to backpropagate), "loss" (CE + beta * S, the encoder's loss), "ce", "mi" (S), "logits", "beta"}
     """
-    code = model.encode(x)  # z [B, K]
-    logits = model.decode(code.z)  # [B, classes]
+    code, logits = forward(x) if forward is not None else encode_decode(model, x)  # z [B, K], logits [B, classes]
     ce = F.cross_entropy(logits, y)
-    critic_loss = estimator.loss(x, reverse_grad(code.z, beta))
+    critic_loss = (critic_loss_fn or estimator.loss)(x, reverse_grad(code.z, beta))
     bound = -critic_loss.detach()
     return {"objective": ce + critic_loss, "loss": ce.detach() + beta * bound, "ce": ce, "mi": bound,
             "logits": logits, "beta": torch.tensor(beta)}
+
+
+def encode_decode(model: IBClassifier, x: Tensor) -> Tuple[Code, Tensor]:
+    """The training forward: a sampled code of x and its logits [B, classes]."""
+    code = model.encode(x)
+    return code, model.decode(code.z)
+
+
+class TrainForward(nn.Module):
+    """`encode_decode` as a module's forward, for DistributedDataParallel (which syncs only what runs through
+    forward) to wrap."""
+
+    def __init__(self, model: IBClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tuple[Code, Tensor]:
+        return encode_decode(self.model, x)
 
 
 def ib_objective(
@@ -81,6 +104,7 @@ def ib_objective(
     y: Tensor,
     beta: float,
     code: Code | None = None,
+    logits: Tensor | None = None,
 ) -> Dict[str, Tensor]:
     """The encoder's loss on one batch, with its terms named so that logging never recomputes them.
 
@@ -91,13 +115,13 @@ def ib_objective(
     Args:
         model: the classifier. estimator: the I(X;Z) bound, or None for plain cross-entropy.
         x: inputs in [0, 1] [B, C, H, W]. y: labels [B].
-        beta: weight of I(X;Z). code: a code already sampled for x (else sampled here).
+        beta: weight of I(X;Z). code: a code already sampled for x (else sampled here), and maybe its logits.
 
     Returns:
         {"loss", "ce", "mi" (the penalty, NaN when skipped), "logits" [B, classes], "beta"}.
     """
     code = model.encode(x) if code is None else code
-    logits = model.decode(code.z)  # [B, classes]
+    logits = model.decode(code.z) if logits is None else logits  # [B, classes]
     ce = F.cross_entropy(logits, y)
     if estimator is not None and beta > 0:
         with frozen(estimator):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ib import distributed
 from ib.estimators import MIEstimator, gaussian_kl
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier
@@ -30,7 +31,12 @@ def to_units(nats: float, units: Units) -> float:
 
 def label_entropy(y: Tensor, num_classes: int) -> float:
     """H(Y) in nats from the label frequencies of `y`."""
-    p = torch.bincount(y, minlength=num_classes).double() / max(len(y), 1)
+    return entropy(torch.bincount(y, minlength=num_classes).double())
+
+
+def entropy(counts: Tensor) -> float:
+    """The entropy in nats of the distribution proportional to `counts`."""
+    p = counts / counts.sum().clamp_min(1)
     p = p[p > 0]
     return float(-(p * p.log()).sum())
 
@@ -44,10 +50,13 @@ def information_plane(
     batch_size: int = 1000,
     permutations: int = 10,
     seed: int = 0,
+    reduce: bool = False,
 ) -> Dict[str, float]:
     """One point of the information plane on the probe set (x [N, C, H, W] in [0, 1], y [N]), in nats.
 
     Runs in eval mode under inference_mode with a fixed seed; the global RNG and the modules' modes are restored.
+    `reduce`: under torchrun, x and y are this process's equal share of the probe set; every term is computed
+    over the whole set (sums added over the processes; the estimator, in `sync` mode, pairs codes across them).
 
     Returns:
         {"I_XZ": DV bound (NaN without an estimator), "I_XZ_upper": KL bound (NaN unless Gaussian),
@@ -67,11 +76,16 @@ def information_plane(
                 ce += F.cross_entropy(model.decode(code.z), yb, reduction="sum").double()
                 codes.append(code)
             code = Code(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*codes)))
-            h_y = label_entropy(y, model.num_classes)
-            out = {"I_ZY": h_y - float(ce) / max(len(y), 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
+            counts = torch.bincount(y, minlength=model.num_classes).double()  # [classes]
+            kl = gaussian_kl(code.mean, code.std).double().sum() if code.std is not None else ce.new_zeros(())
+            if reduce:
+                distributed.reduce_sum_(ce, counts, kl)
+            n = int(counts.sum())
+            h_y = entropy(counts)
+            out = {"I_ZY": h_y - float(ce) / max(n, 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
             if code.std is not None:
-                out["I_XZ_upper"] = float(gaussian_kl(code.mean, code.std).mean())
-            if estimator is not None and len(y) >= 2:
+                out["I_XZ_upper"] = float(kl) / max(n, 1)
+            if estimator is not None and n >= 2:
                 g = torch.Generator().manual_seed(seed)
                 out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,
                                                  permutations=permutations, generator=g)

@@ -133,7 +133,8 @@ class DataConfig:
     root: str = _field("data", "folder holding (or receiving) the data set files")
     download: bool = _field(False, "fetch the data set into `root` when it is missing (needs internet)")
     val_fraction: float = _field(0.1, "share of the training set held out for validation", ge=0.0, lt=1.0)
-    batch_size: int = _field(100, "training batch; MINE shuffles z within it, so at least 2", ge=2, le=1_000_000)
+    batch_size: int = _field(100, "training batch, global: split over the processes of a torchrun job; MINE pairs z "
+                                "across it, so at least 2", ge=2, le=1_000_000)
     eval_batch_size: int = _field(1000, "batch for evaluation passes (no gradients)", ge=1, le=1_000_000)
     augment: Literal["none", "crop_flip"] = _field("none", "batched on-device augmentation for training images")
     image_size: Optional[int] = _field(None, "image_folder only: resize images to this square size", ge=1, le=4096)

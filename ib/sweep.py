@@ -15,12 +15,14 @@ import io
 import json
 import logging
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ib.checkpoint import atomic_write
-from ib.errors import ConfigError
+from ib.errors import ConfigError, IBError
 from ib.recipe import Recipe, read_recipe_file, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,32 @@ def write_plots(sweep_dir: Path, rows: Sequence[Dict[str, Any]], units: str) -> 
     return paths
 
 
+def train_with_torchrun(run: SweepRun, recipe_path: str | Path, overrides: Sequence[str], nproc_per_node: int,
+                        resume: bool) -> str:
+    """Train one run of the sweep with torchrun on this machine; returns its status from metrics.json.
+
+    The child's output goes to this terminal. Ctrl-C reaches torchrun and its workers as well, which save
+    `last.pt`; this process waits for them before it returns "interrupted".
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+           "-m", "ib", "train"]
+    if resume:
+        cmd += ["--resume", str(run.run_dir)]
+    else:
+        cmd += [str(recipe_path), *overrides, f"beta={run.beta!r}", f"seed={run.seed}", f"name={run.name}",
+                "--run-dir", str(run.run_dir), "--overwrite"]
+    child = subprocess.Popen(cmd)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        code = child.wait()  # the workers got the signal too: let them save last.pt
+    status = _status(run.run_dir)
+    if code != 0 and status != "interrupted":
+        raise IBError(f"{run.name}: torchrun exited with status {code} (its output is above); run the same "
+                      f"command again to resume the sweep")
+    return status or "failed"
+
+
 def run_sweep(
     recipe_path: str | Path,
     betas: Sequence[float],
@@ -171,11 +199,15 @@ def run_sweep(
     sweep_dir: str | Path | None = None,
     *,
     handle_signals: bool = False,
+    nproc_per_node: int = 1,
 ) -> List[Dict[str, Any]]:
     """Train every (beta, seed) of the grid into `sweep_dir`, skipping finished runs; returns the sweep.csv rows.
 
-    Stops early (returning the rows so far) when a run was interrupted.
+    Stops early (returning the rows so far) when a run was interrupted. With `nproc_per_node` > 1 each run is
+    handed to `torchrun --standalone --nproc_per_node=N -m ib train ...` (one machine, data parallel).
     """
+    if nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
     from ib.train import fit
 
     if sweep_dir is None:
@@ -196,9 +228,12 @@ def run_sweep(
         else:
             resume = (run.run_dir / "last.pt").exists()
             log.info("[%d/%d] %s: %s", i, len(runs), run.name, "resuming" if resume else "training")
-            metrics = fit(run.recipe, run.run_dir, resume=resume, overwrite=not resume,
-                          handle_signals=handle_signals)
-            status = metrics["status"]
+            if nproc_per_node > 1:
+                status = train_with_torchrun(run, recipe_path, overrides, nproc_per_node, resume)
+            else:
+                metrics = fit(run.recipe, run.run_dir, resume=resume, overwrite=not resume,
+                              handle_signals=handle_signals)
+                status = metrics["status"]
         rows[run.name] = _row(run)
         write_csv(sweep_dir / "sweep.csv", list(rows.values()))
         if status != "completed":

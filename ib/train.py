@@ -8,6 +8,7 @@ One encoder step on a batch (x, y):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -19,14 +20,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from ib import __version__
+from ib import __version__, distributed
 from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, Split, load_data
 from ib.errors import CheckpointError, ConfigError, IBError
@@ -35,7 +37,7 @@ from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
-from ib.objectives import fused_minimax_objective, ib_objective
+from ib.objectives import TrainForward, fused_minimax_objective, ib_objective
 from ib.plane import information_plane, to_units
 from ib.recipe import OptimConfig, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from ib.schedules import BetaSchedule, create_beta_schedule, create_lr_schedule, set_lr
@@ -102,6 +104,27 @@ def _fused_adam_ok(params: Sequence[nn.Parameter]) -> bool:
             and all(p.is_floating_point() for p in params))
 
 
+@dataclass
+class Replicas:
+    """The DistributedDataParallel wrappers of one process of a torchrun job. Their parameters are the run's
+    model and estimator (which the checkpoints save); training runs its forward passes through them so that DDP
+    averages the gradients."""
+
+    forward: DDP  # TrainForward: x -> (code, logits)
+    critic_loss: Optional[DDP]  # the estimator: (x, z) -> its training loss; None without a critic
+
+
+def build_replicas(model: IBClassifier, estimator: Optional[MIEstimator], device: torch.device) -> Replicas:
+    ids = [device.index] if device.type == "cuda" else None
+    critic = None
+    if estimator is not None and any(True for _ in estimator.parameters()):
+        # Buffers are not broadcast: MINE's moving average is updated from the global batch on every process.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})  # renamed in torch 2.12
+        critic = DDP(estimator, device_ids=ids, **no_sync)
+    return Replicas(forward=DDP(TrainForward(model), device_ids=ids), critic_loss=critic)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # One step, one epoch, one evaluation
 
@@ -127,9 +150,24 @@ class StepStats:
         return {"loss": self.loss, "ce": self.ce, "mi_bound": self.mi_bound, "correct": self.correct,
                 "seen": self.seen, "steps": self.steps, "nonfinite": self.nonfinite}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], rank: int = 0) -> None:
+        """Sums saved by `reduce`d stats: every process takes the step means, rank 0 alone the counts."""
         for k, v in state.items():
             setattr(self, k, v.to(self.loss.device) if isinstance(v, Tensor) else v)
+        if rank:
+            self.correct, self.seen = torch.zeros_like(self.correct), 0
+
+    def reduce(self) -> None:
+        """Combine the sums of every process in place (under torchrun): loss, ce and bound become means over the
+        processes of their per-step values, correct and seen totals. Every process then holds the same stats."""
+        if not distributed.active():
+            return
+        means = torch.stack([self.loss, self.ce, self.mi_bound])
+        counts = torch.stack([self.correct, self.correct.new_tensor(float(self.seen))])
+        distributed.reduce_sum_(means, counts)
+        means /= torch.distributed.get_world_size()
+        self.loss, self.ce, self.mi_bound = means.unbind()
+        self.correct, self.seen = counts[0], int(counts[1])
 
     def summary(self, with_mi: bool) -> Dict[str, float]:
         n = max(self.steps, 1)
@@ -152,8 +190,10 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).isfinite().all())
 
 
-def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int) -> Tensor:
+def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int,
+                loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
     """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached).
+    `loss_fn` replaces `estimator.loss` (the trainer passes its DistributedDataParallel wrapper under torchrun).
 
     An update whose loss or gradient is not finite is not applied, and the estimator's buffers (MINE's moving
     average, a critic's batch-norm statistics) are put back as they were before it; the bound returned is then NaN,
@@ -164,9 +204,10 @@ def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Ten
     for _ in range(steps):
         saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
         optimizer.zero_grad(set_to_none=True)
-        loss = estimator.loss(x, z)
+        loss = (loss_fn or estimator.loss)(x, z)
         loss.backward()
-        if not _all_finite([loss, *(p.grad for p in params if p.grad is not None)]):
+        finite = _all_finite([loss, *(p.grad for p in params if p.grad is not None)])
+        if not distributed.all_true(finite, loss.device):  # every process skips, or none
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for b, before in zip(estimator.buffers(), saved):
@@ -190,6 +231,7 @@ def train_step(
     critic_steps: int = 1,
     grad_clip: Optional[float] = None,
     fused: bool = False,
+    replicas: Optional[Replicas] = None,
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
@@ -199,18 +241,22 @@ def train_step(
     gradients of one backward pass, about a third less work per step with the paper's critic.
 
     The step is skipped (no optimiser steps, gradients dropped, the estimator's buffers such as MINE's moving
-    average put back) when a loss or gradient is not finite. Finiteness is checked with one device sync.
+    average put back) when a loss or gradient is not finite. Finiteness is checked with one device sync (and,
+    under torchrun, agreed by all processes). `replicas`: the DistributedDataParallel wrappers to run the
+    forward passes through, under torchrun.
     """
     if (fused and estimator is not None and critic_optimizer is not None and critic_steps == 1
             and getattr(estimator, "loss_is_minus_penalty", True)):  # jsd/smile: the critic's loss is not -penalty
-        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip)
-    code = model.encode(x)  # z [B, K], sampled once for both players
+        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, replicas)
+    # z [B, K], sampled once for both players
+    code, logits = replicas.forward(x) if replicas is not None else (model.encode(x), None)
     mi_bound = torch.full((), math.nan)
     checks: List[Tensor] = []
     if estimator is not None and critic_optimizer is not None:
-        mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps)
+        mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps,
+                               replicas.critic_loss if replicas is not None else None)
         checks.append(mi_bound)  # NaN when the critic's update was not finite
-    out = ib_objective(model, estimator, x, y, beta, code=code)
+    out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits)
     if estimator is not None and critic_optimizer is None:  # critic-free (vib_kl): report its own bound
         mi_bound = out["mi"].detach() if beta > 0 else _penalty_value(estimator, x, code)
     optimizer.zero_grad(set_to_none=True)
@@ -220,7 +266,7 @@ def train_step(
         checks.append(nn.utils.clip_grad_norm_(params, grad_clip))  # the norm is finite iff every gradient is
     else:
         checks += [p.grad for p in params]
-    finite = _all_finite([out["loss"], *checks])
+    finite = distributed.all_true(_all_finite([out["loss"], *checks]), x.device)
     if finite:
         optimizer.step()
     else:
@@ -237,9 +283,13 @@ def _penalty_value(estimator: MIEstimator, x: Tensor, code: Code) -> Tensor:
 
 def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
                 critic_optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, beta: float,
-                grad_clip: Optional[float]) -> Dict[str, Tensor]:
+                grad_clip: Optional[float], replicas: Optional[Replicas]) -> Dict[str, Tensor]:
     saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
-    out = fused_minimax_objective(model, estimator, x, y, beta)
+    if replicas is not None:
+        out = fused_minimax_objective(model, estimator, x, y, beta, forward=replicas.forward,
+                                      critic_loss_fn=replicas.critic_loss)
+    else:
+        out = fused_minimax_objective(model, estimator, x, y, beta)
     optimizer.zero_grad(set_to_none=True)
     critic_optimizer.zero_grad(set_to_none=True)
     out["objective"].backward()
@@ -249,7 +299,7 @@ def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.op
         checks.append(nn.utils.clip_grad_norm_(params, grad_clip))
     else:
         checks += [p.grad for p in params]
-    finite = _all_finite(checks)
+    finite = distributed.all_true(_all_finite(checks), x.device)
     if finite:
         optimizer.step()
         critic_optimizer.step()
@@ -309,20 +359,24 @@ def train_one_epoch(
     log_every: int,
     stop: Optional[StopFlag] = None,
     desc: str = "",
+    replicas: Optional[Replicas] = None,
+    show_progress: bool = True,
 ) -> int:
     """Train over the rest of the loader's epoch (all of it, unless resumed mid-epoch). Returns the global step.
 
-    Non-finite steps are skipped and counted; `max_nonfinite` in a row raise TrainingError.
+    Non-finite steps are skipped and counted; `max_nonfinite` in a row raise TrainingError. Under torchrun
+    (`replicas`), a stop signal seen by any process stops every process after the same step.
     """
     model.train()
     if estimator is not None:
         estimator.train()
     run_of_faults = 0
-    bar = tqdm(loader, total=loader.batches_left(), desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(loader, total=loader.batches_left(), desc=desc, leave=False, dynamic_ncols=True,
+               disable=None if show_progress else True)
     for x, y in bar:
         beta = beta_schedule.value(step)
         out = train_step(model, estimator, optimizer, critic_optimizer, x, y, beta,
-                         critic_steps=critic_steps, grad_clip=grad_clip, fused=fused)
+                         critic_steps=critic_steps, grad_clip=grad_clip, fused=fused, replicas=replicas)
         step += 1
         if bool(out["finite"]):
             run_of_faults = 0
@@ -342,10 +396,17 @@ def train_one_epoch(
                     f"learning rate or beta; last.pt holds the last good epoch")
         if step % log_every == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{float(out['loss']):.4f}", beta=f"{beta:.3g}")
-        if stop:
+        if stop is not None and _stopping(stop, y.device):
             break
     bar.close()
     return step
+
+
+def _stopping(stop: StopFlag, device: torch.device) -> bool:
+    """Whether to stop now: the flag, agreed by every process under torchrun (each then carries it)."""
+    if distributed.any_true(bool(stop), device):
+        stop.signal = stop.signal or signal.SIGTERM
+    return bool(stop)
 
 
 def _eval_mode(*modules: Optional[nn.Module]) -> Any:
@@ -360,11 +421,13 @@ def _rng_devices(device: torch.device) -> List[Any]:
     return [device] if device.type == "cuda" else []
 
 
-def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: int = 0) -> Dict[str, float]:
+def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: int = 0,
+             reduce: bool = False) -> Dict[str, float]:
     """Accuracy of the mean (noise-free) code, accuracy averaged over `samples` draws of Z, and NLL.
 
     Runs in eval mode under inference_mode with a fixed seed, leaving the global RNG as it was, so evaluation is
-    repeatable and does not change the training run.
+    repeatable and does not change the training run. `reduce`: under torchrun, each process evaluates its share
+    (its loader) and the sums are added over the processes, so every process returns the whole set's figures.
     """
     restore = _eval_mode(model)
     correct = correct_sampled = nll = torch.zeros((), dtype=torch.float64)
@@ -381,6 +444,10 @@ def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: in
             nll = nll + F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum").double().cpu()
             n += y.shape[0]
     restore()
+    if reduce:
+        sums = torch.stack([correct, correct_sampled, nll, torch.tensor(float(n), dtype=torch.float64)]).to(device)
+        distributed.reduce_sum_(sums)
+        correct, correct_sampled, nll, n = sums[0].cpu(), sums[1].cpu(), sums[2].cpu(), int(sums[3])
     if n == 0:
         return {"acc": math.nan, "acc_sampled": math.nan, "nll": math.nan}
     acc = float(correct) / n
@@ -414,8 +481,11 @@ class Run:
     best: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "val_accuracy": -1.0})
     epoch_seconds: List[float] = field(default_factory=list)
     nonfinite_steps: int = 0
+    proc: distributed.Process = distributed.SINGLE  # this process's place in a torchrun job
+    replicas: Optional[Replicas] = None  # DDP wrappers under torchrun
 
     def state_dict(self) -> Dict[str, Any]:
+        """The run's state; under torchrun the same on every process but for the RNG (rank 0's is saved)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "ib_version": __version__,
@@ -453,10 +523,12 @@ class Run:
         self.nonfinite_steps = state["nonfinite_steps"]
         if state["epoch_stats"] is not None:
             self.stats = StepStats.zeros(self.device)
-            self.stats.load_state_dict(state["epoch_stats"])
+            self.stats.load_state_dict(state["epoch_stats"], self.proc.rank)
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"][:torch.cuda.device_count()])
+        if self.proc.rank:  # rank 0 continues the saved stream; the others draw their own (codes, marginal pairs)
+            _seed_process(self.recipe.seed * 1_000_003 + self.step, self.proc)
 
 
 @contextlib.contextmanager
@@ -480,11 +552,28 @@ def _building(section: str) -> Iterator[None]:
                           f"{section}.*") from None
 
 
-def build_run(recipe: Recipe) -> Run:
-    """Load the data and build every object of a run from a checked recipe (raises ConfigError, DataError)."""
-    device = resolve_device(recipe.device)
+def _seed_process(seed: int, proc: distributed.Process) -> None:
+    """Give a process other than rank 0 its own random stream, so that processes draw different noise."""
+    if proc.rank:
+        torch.manual_seed((seed + 7919 * proc.rank) % 2**63)
+
+
+def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
+              device: Optional[torch.device] = None) -> Run:
+    """Load the data and build every object of a run from a checked recipe (raises ConfigError, DataError).
+
+    Under torchrun (`proc` from `ib.distributed.setup`) every process builds the same model (DDP checks it), takes
+    its rows of each global batch and its share of the validation and test sets, and trains through DDP wrappers.
+    """
+    device = device or resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     d = recipe.data
+    if d.batch_size % proc.world_size:
+        raise ConfigError(f"data.batch_size={d.batch_size} is the global batch and must divide by the number of "
+                          f"processes ({proc.world_size})")
+    if d.batch_size // proc.world_size < 2 and recipe.mi.enabled:
+        raise ConfigError(f"data.batch_size={d.batch_size} leaves fewer than 2 samples per process "
+                          f"({proc.world_size} processes)")
     data = load_data(d.name, root=d.root, download=d.download, val_fraction=d.val_fraction, seed=recipe.seed,
                      image_size=d.image_size)
     if len(data.train.y) < d.batch_size:
@@ -502,14 +591,26 @@ def build_run(recipe: Recipe) -> Run:
     beta_schedule = create_beta_schedule(recipe.beta_schedule.name, recipe.beta, **recipe.beta_schedule.options)
     lr_schedule = create_lr_schedule(recipe.lr_schedule.name, recipe.epochs, **recipe.lr_schedule.options)
     augment = AUGMENTATIONS[d.augment]
+    replicas = None
+    if proc.distributed:
+        if estimator is not None:
+            estimator.sync = True  # global-batch bounds (ib.distributed)
+        replicas = build_replicas(model, estimator, device)
+    _seed_process(recipe.seed, proc)
+
+    def share(split: Split) -> Split:
+        part = distributed.shard(len(split), proc)
+        return Split(split.x[part], split.y[part])
+
     return Run(
         recipe=recipe, data=data, device=device, model=model, estimator=estimator, optimizer=optimizer,
         critic_optimizer=critic_optimizer, beta_schedule=beta_schedule, lr_schedule=lr_schedule,
         base_lrs=[g["lr"] for g in optimizer.param_groups],
         train_loader=BatchLoader(data.train, d.batch_size, shuffle=True, drop_last=True, device=device,
-                                 augment=augment, seed=recipe.seed),
-        val_loader=BatchLoader(data.val, d.eval_batch_size, shuffle=False, drop_last=False, device=device),
-        test_loader=BatchLoader(data.test, d.eval_batch_size, shuffle=False, drop_last=False, device=device),
+                                 augment=augment, seed=recipe.seed, rank=proc.rank, world_size=proc.world_size),
+        val_loader=BatchLoader(share(data.val), d.eval_batch_size, shuffle=False, drop_last=False, device=device),
+        test_loader=BatchLoader(share(data.test), d.eval_batch_size, shuffle=False, drop_last=False, device=device),
+        proc=proc, replicas=replicas,
     )
 
 
@@ -554,11 +655,14 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def _probe_set(run: Run) -> Split:
     """The fixed held-out probe set of the information plane: the first `monitor.probe_size` validation samples
-    (test samples when there is no validation split), on the run's device."""
+    (test samples when there is no validation split), on the run's device. Under torchrun, this process's equal
+    share of it (the probe set cut to a multiple of the number of processes)."""
     source = run.data.val if len(run.data.val.y) >= 2 else run.data.test
-    n = min(run.recipe.monitor.probe_size, len(source.y))
-    x = source.x[:n].to(run.device)
-    return Split(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), source.y[:n].to(run.device))
+    world = run.proc.world_size
+    n = min(run.recipe.monitor.probe_size, len(source.y)) // world * world
+    part = distributed.shard(n, run.proc)
+    x = source.x[part].to(run.device)
+    return Split(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), source.y[part].to(run.device))
 
 
 def _metrics(run: Run, row: Dict[str, float], plane: Dict[str, float], status: str,
@@ -589,6 +693,7 @@ def _metrics(run: Run, row: Dict[str, float], plane: Dict[str, float], status: s
         "train_seconds": train_seconds,
         "epoch_seconds": list(run.epoch_seconds),
         "device": str(run.device),
+        "processes": run.proc.world_size,
         "ib_version": __version__,
     }
 
@@ -616,20 +721,36 @@ def fit(
         stop_after: stop (checkpointed, resumable) once this many epochs are complete.
         handle_signals: on SIGINT/SIGTERM finish the step, save `last.pt` and return (for the command line).
 
+    Under torchrun (`torchrun --nproc_per_node=N -m ib train ...`) every process calls `fit`; it joins the process
+    group (gloo on CPU, nccl on CUDA), trains data-parallel, and only rank 0 writes to `run_dir`. Resuming reads
+    `last.pt` in every process, with any number of processes.
+
     Returns:
-        The contents of `metrics.json`.
+        The contents of `metrics.json` (the same in every process).
     """
-    run_dir = Path(run_dir)
+    joined = not torch.distributed.is_initialized()
+    proc, device = distributed.setup(recipe.device)
+    try:
+        return _fit(recipe, Path(run_dir), proc, device, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                    handle_signals=handle_signals)
+    finally:
+        if joined and proc.distributed:
+            distributed.teardown()
+
+
+def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optional[torch.device], *, resume: bool,
+         overwrite: bool, stop_after: Optional[int], handle_signals: bool) -> Dict[str, Any]:
+    main = proc.is_main  # the only process that writes
     state = load_checkpoint(run_dir / "last.pt") if resume else None
-    if state is None:
+    if state is None and main:
         check_run_dir(run_dir, overwrite)  # before the data are loaded
-    run = build_run(recipe)
+    run = build_run(recipe, proc, device)
     if state is not None:
         try:
             run.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(f"{run_dir / 'last.pt'} does not match the recipe: {' '.join(str(e).split())[:300]}")
-    else:
+    elif main:
         prepare_run_dir(run_dir, overwrite)
 
     # From here on the run folder exists: any error is recorded in its metrics.json (status "failed").
@@ -642,16 +763,20 @@ def fit(
     train_seconds = sum(run.epoch_seconds)
     warned: set = set()  # warnings already logged this run
     status = "running"
-    if run.epoch:
+    if run.epoch and main:
         log.info("resuming %s at epoch %d/%d (step %d)", run_dir, run.epoch + 1, r.epochs, run.step)
+    if proc.distributed and main:
+        log.info("data parallel: %d processes (%s), global batch %d = %d per process", proc.world_size,
+                 torch.distributed.get_backend(), r.data.batch_size, r.data.batch_size // proc.world_size)
     try:
-        recipe_text = dump_recipe(recipe)
-        atomic_write(run_dir / "recipe.yaml", lambda f: f.write(recipe_text.encode()))
-        loggers += [
-            CSVHistory(run_dir / "history.csv", run.epoch),
-            TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units,
-                              plane_figure=recipe.monitor.plane_figure),
-        ]
+        if main:
+            recipe_text = dump_recipe(recipe)
+            atomic_write(run_dir / "recipe.yaml", lambda f: f.write(recipe_text.encode()))
+            loggers += [
+                CSVHistory(run_dir / "history.csv", run.epoch),
+                TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units,
+                                  plane_figure=recipe.monitor.plane_figure),
+            ]
         probe = _probe_set(run)
         previous = stop.install() if handle_signals else {}
         while run.epoch < r.epochs:
@@ -664,20 +789,22 @@ def fit(
                 run.model, run.estimator, run.train_loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
                 run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip, fused=r.mi.fused,
                 max_nonfinite=r.max_nonfinite_steps, log_every=r.log_every, stop=stop,
-                desc=f"epoch {epoch}/{r.epochs}",
+                desc=f"epoch {epoch}/{r.epochs}", replicas=run.replicas, show_progress=main,
             )
+            run.stats.reduce()  # under torchrun: every process's sums, the same everywhere
             if stop and run.train_loader.batches_left() < len(run.train_loader):
                 # stopped mid-epoch: save the loader's position so that resuming continues exactly here
-                save_checkpoint(run_dir / "last.pt", run.state_dict())
+                if main:
+                    save_checkpoint(run_dir / "last.pt", run.state_dict())
                 status = "interrupted"
                 break
-            train_time = time.perf_counter() - t0
             row = {"beta": run.beta_schedule.value(max(run.step - 1, 0)),
                    "lr": run.optimizer.param_groups[0]["lr"], **run.stats.summary(run.estimator is not None)}
             run.nonfinite_steps += run.stats.nonfinite
             t1 = time.perf_counter()
-            val = evaluate(run.model, run.val_loader, samples=r.model.eval_samples, seed=r.seed)
-            test = evaluate(run.model, run.test_loader, samples=r.model.eval_samples, seed=r.seed)
+            shared = proc.distributed  # each process evaluates its share; the sums are added
+            val = evaluate(run.model, run.val_loader, samples=r.model.eval_samples, seed=r.seed, reduce=shared)
+            test = evaluate(run.model, run.test_loader, samples=r.model.eval_samples, seed=r.seed, reduce=shared)
             row.update({"acc/val": val["acc"], "acc/test": test["acc"], "loss/val_nll": val["nll"],
                         "loss/test_nll": test["nll"]})
             if r.model.eval_samples:
@@ -687,7 +814,7 @@ def fit(
                 warnings.simplefilter("always")
                 plane = information_plane(run.model, run.estimator, probe.x, probe.y,
                                           batch_size=r.data.eval_batch_size, permutations=r.mi.eval_permutations,
-                                          seed=r.seed)
+                                          seed=r.seed, reduce=shared)
             _log_once(caught, warned, epoch)
             row.update({f"mi/{k}": to_units(v, r.monitor.units) for k, v in plane.items()})
             row["time/plane_s"] = time.perf_counter() - t2
@@ -704,19 +831,20 @@ def fit(
             improved = math.isnan(val_acc) or val_acc > run.best["val_accuracy"]
             if improved:
                 run.best = {"epoch": epoch, "val_accuracy": val_acc}
-            state_now = run.state_dict()
-            if improved:
-                save_checkpoint(run_dir / "best.pt", state_now)
-            save_checkpoint(run_dir / "last.pt", state_now)
+            if main:
+                state_now = run.state_dict()
+                if improved:
+                    save_checkpoint(run_dir / "best.pt", state_now)
+                save_checkpoint(run_dir / "last.pt", state_now)
+                write_json(run_dir / "metrics.json", _metrics(run, row, plane, "running", train_seconds))
             last_row, last_plane = row, plane
-            write_json(run_dir / "metrics.json", _metrics(run, row, plane, "running", train_seconds))
-            log.info(
+            (log.info if main else log.debug)(
                 "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s  val %.4f  test %.4f  beta %.3g  %.1fs",
                 epoch, r.epochs, row["loss/total"], row["loss/ce"], row["mi/I_XZ"], row["mi/I_ZY"], r.monitor.units,
                 val_acc,
                 row.get("acc/test_sampled", row["acc/test"]), row["beta"], epoch_time,
             )
-            if stop and epoch < r.epochs:  # signalled during the epoch's last step or its evaluation
+            if _stopping(stop, run.device) and epoch < r.epochs:  # signalled in the last step or the evaluation
                 status = "interrupted"
                 break
             if stop_after is not None and epoch >= stop_after and epoch < r.epochs:
@@ -725,7 +853,8 @@ def fit(
         else:
             status = "completed"
     except BaseException as e:
-        _record_failure(run_dir, run, e, train_seconds)
+        if main:
+            _record_failure(run_dir, run, e, train_seconds)
         raise
     finally:
         for logger in loggers:
@@ -741,6 +870,8 @@ def fit(
         metrics.pop("error", None)  # a failure recorded before this resume is over
     else:
         metrics = _metrics(run, last_row, last_plane, status, train_seconds)
+    if not main:
+        return metrics
     write_json(run_dir / "metrics.json", metrics)
     if status == "completed" and recipe.eval.enabled:  # the recipe's `eval:` section: `ib eval RUN_DIR`
         from ib.evaluate import evaluate_run  # imported here: ib.evaluate builds models with this module

@@ -11,6 +11,11 @@ An estimator keeps apart what it trains and what it reports:
 An estimator without parameters (no critic, e.g. `vib_kl`) needs no optimiser; the trainer then skips the critic's
 step. Its factory carries `needs_critic = False`, and the library passes it the bottleneck's name instead of a critic.
 
+Data parallelism (`sync = True`, set by the trainer under torchrun): the bounds are those of the global batch.
+Marginal pairs draw z from every process, and means and log-mean-exps run over all processes' scores, with the
+same value everywhere (see `ib.distributed` for why the gradients then come out right). `estimate` is global
+too: each process scores its share of the held-out set against codes gathered from all.
+
 Numerics: every log E[e^T] is a logsumexp, and every e^u that a loss needs goes through `exp_capped`, so that critic
 outputs of +-1e4 give finite losses and gradients.
 """
@@ -21,6 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ib import distributed
 from ib.errors import ConfigError
 from ib.models.bottlenecks import Code
 from ib.registry import Registry
@@ -68,6 +74,24 @@ class MIEstimator(nn.Module):
     """
 
     loss_is_minus_penalty: bool = True
+    sync: bool = False  # global-batch bounds across the processes of a torchrun job (see the module note)
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """The training loss, so that DistributedDataParallel can wrap the estimator."""
+        return self.loss(x, z)
+
+    def mean(self, t: Tensor) -> Tensor:
+        """The mean of t over the batch: of every process's batch when `sync` (equal shares, as the trainer and
+        the probe set make them)."""
+        if not self.sync:
+            return t.mean()
+        return distributed.global_sum(t.sum()) / (t.numel() * distributed.world_size())
+
+    def log_mean_exp(self, t: Tensor) -> Tensor:
+        """log mean e^t over the batch: of every process's batch when `sync` (equal shares)."""
+        if not self.sync:
+            return log_mean_exp(t)
+        return distributed.global_logsumexp(t) - math.log(t.numel() * distributed.world_size())
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         """What the estimator's optimiser minimises on a batch (x [B, ...], z [B, K]); a scalar."""
@@ -104,18 +128,21 @@ class CriticEstimator(MIEstimator):
         self.marginals = marginals
 
     def scores(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Critic scores on the batch's pairs, [B], and on marginal pairs, [P*B]: z rolled by P distinct shifts."""
-        b = z.shape[0]
+        """Critic scores on the batch's pairs, [B], and on marginal pairs, [P*B]: z rolled by P distinct shifts
+        (with `sync`, over the global batch: the code B*N rows away, N processes)."""
+        pool, offset = distributed.gather(z) if self.sync else (z, 0)  # [N*B, K], this process's first row
+        n = pool.shape[0]
         if self.marginals == 1:
-            z_marginal = torch.roll(z, shifts=marginal_shift(b), dims=0)
+            shifts = [marginal_shift(n)]
         else:
-            shifts = (torch.randperm(b - 1)[: self.marginals] + 1).tolist()  # distinct, in [1, B-1]
-            z_marginal = torch.cat([torch.roll(z, shifts=s, dims=0) for s in shifts])
+            shifts = (torch.randperm(n - 1)[: self.marginals] + 1).tolist()  # distinct, in [1, N*B-1]
+        rows = torch.arange(offset, offset + z.shape[0], device=z.device)
+        z_marginal = torch.cat([pool[(rows - s) % n] for s in shifts])  # == torch.roll(pool, s)[rows]
         return self.critic.pair_scores(x, z, z_marginal)
 
     def report(self, t_joint: Tensor, t_marginal: Tensor) -> Tensor:
         """The reported value from scores on joint and marginal pairs: the DV bound."""
-        return dv_bound(t_joint, t_marginal)
+        return self.mean(t_joint) - self.log_mean_exp(t_marginal)
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
@@ -134,14 +161,15 @@ class CriticEstimator(MIEstimator):
         """
         was_training = self.critic.training
         self.critic.eval()
-        n = z.shape[0]
-        shifts = [marginal_shift(n, generator) for _ in range(permutations)]
+        pool, offset = distributed.gather(z) if self.sync else (z, 0)  # every process's codes; equal shares
+        n = pool.shape[0]
+        shifts = [marginal_shift(n, generator) for _ in range(permutations)]  # the same on every process
         t_joint, t_marg = [], []
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(start + batch_size, n), device=z.device)
+        for start in range(0, z.shape[0], batch_size):
+            idx = torch.arange(start, min(start + batch_size, z.shape[0]), device=z.device)
             xb = x[idx]
             for k, shift in enumerate(shifts):
-                zm = z[(idx - shift) % n]  # == torch.roll(z, shift)[idx]
+                zm = pool[(idx + offset - shift) % n]  # == torch.roll(pool, shift)[idx + offset]
                 tj, tm = self.critic.pair_scores(xb, z[idx], zm)
                 if k == 0:
                     t_joint.append(tj)

@@ -16,16 +16,22 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ib import distributed
 from ib.estimators.base import ESTIMATORS, CriticEstimator
 from ib.models.bottlenecks import Code
 
 CEILING_MARGIN = 0.1  # nats: an estimate this close to log(B) is reported with a warning
 
 
+def infonce_terms(s: Tensor, offset: int = 0) -> Tensor:
+    """Per-row InfoNCE terms [B] from all-pairs scores s [B, M] whose joint pairs sit at (i, offset + i)."""
+    b, m = s.shape
+    return s[:, offset:offset + b].diagonal() - (torch.logsumexp(s, dim=1) - math.log(m))
+
+
 def infonce_bound(s: Tensor) -> Tensor:
     """InfoNCE from all-pairs scores s [B, M] whose first B columns' diagonal holds the joint pairs (M >= B)."""
-    b, m = s.shape
-    return s.diagonal().mean() - (torch.logsumexp(s, dim=1) - math.log(m)).mean()
+    return infonce_terms(s).mean()
 
 
 class InfoNCE(CriticEstimator):
@@ -44,7 +50,9 @@ class InfoNCE(CriticEstimator):
         super().__init__(critic)
 
     def _bound(self, x: Tensor, z: Tensor) -> Tensor:
-        return infonce_bound(self.critic.scores(x, z))  # scores [B, B]
+        # With `sync`, every process's codes are negatives: scores [B, N*B], ceiling log(N*B).
+        pool, offset = distributed.gather(z) if self.sync else (z, 0)
+        return self.mean(infonce_terms(self.critic.scores(x, pool), offset))  # scores [B, N*B]
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         return -self._bound(x, z)
@@ -82,6 +90,10 @@ class InfoNCE(CriticEstimator):
             total += float(infonce_bound(s)) * m
             ceiling += math.log(m) * m
         self.critic.train(was_training)
+        if self.sync:  # each process scored the blocks of its own share; average over all shares
+            sums = torch.tensor([total, ceiling, float(n)], dtype=torch.float64, device=z.device)
+            distributed.reduce_sum_(sums)
+            total, ceiling, n = float(sums[0]), float(sums[1]), float(sums[2])
         value, ceiling = total / n, ceiling / n
         if value > ceiling - CEILING_MARGIN:
             warnings.warn(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ib.errors import ConfigError
-from ib.estimators.base import ESTIMATORS, CriticEstimator, dv_bound, exp_capped, log_mean_exp
+from ib.estimators.base import ESTIMATORS, CriticEstimator, exp_capped
 from ib.models.bottlenecks import Code
 
 
@@ -56,12 +56,13 @@ class MINE(CriticEstimator):
     def _surrogate(self, t_joint: Tensor, lme: Tensor) -> Tensor:
         """S from the joint scores and lme = log E_Q[e^T] of the batch (differentiable)."""
         log_ema = self.log_ema.detach()
-        return t_joint.mean() - exp_capped(lme - log_ema) + 1.0 - log_ema
+        return self.mean(t_joint) - exp_capped(lme - log_ema) + 1.0 - log_ema
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
-        """Minus the bias-corrected bound, for the critic's optimiser; updates the moving average first."""
+        """Minus the bias-corrected bound, for the critic's optimiser; updates the moving average first (with
+        `sync`, from the global batch, so that it is the same on every process)."""
         t_joint, t_marginal = self.scores(x, z)
-        lme = log_mean_exp(t_marginal)
+        lme = self.log_mean_exp(t_marginal)
         self._update_ema(lme.detach())
         return -self._surrogate(t_joint, lme)
 
@@ -69,8 +70,8 @@ class MINE(CriticEstimator):
         """The bias-corrected bound for the encoder to minimise; the moving average is read, not updated."""
         t_joint, t_marginal = self.scores(x, z)
         if int(self.ema_steps) == 0:  # no average yet: the plain DV bound
-            return dv_bound(t_joint, t_marginal)
-        return self._surrogate(t_joint, log_mean_exp(t_marginal))
+            return self.report(t_joint, t_marginal)
+        return self._surrogate(t_joint, self.log_mean_exp(t_marginal))
 
 
 class MINEf(CriticEstimator):
@@ -82,7 +83,7 @@ class MINEf(CriticEstimator):
 
     def _bound(self, x: Tensor, z: Tensor) -> Tensor:
         t_joint, t_marginal = self.scores(x, z)
-        return t_joint.mean() - exp_capped(log_mean_exp(t_marginal) - 1.0)  # E_Q[e^(T-1)] via logsumexp
+        return self.mean(t_joint) - exp_capped(self.log_mean_exp(t_marginal) - 1.0)  # E_Q[e^(T-1)] by logsumexp
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         return -self._bound(x, z)

@@ -42,7 +42,8 @@ class SMILE(JSD):
         self.tau = tau
 
     def report(self, t_joint: Tensor, t_marginal: Tensor) -> Tensor:
-        return clipped_dv(t_joint, t_marginal, self.tau)
+        """`clipped_dv`, over every process's batch when `sync`."""
+        return self.mean(t_joint) - self.log_mean_exp(t_marginal.clamp(-self.tau, self.tau))
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         return self.report(*self.scores(x, z))

@@ -51,16 +51,16 @@ class VariationalKL(MIEstimator):
         return torch.zeros((), device=z.device, dtype=z.dtype)
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
-        """The batch average of the KL, differentiable in the encoder's mean and std."""
+        """The batch average of the KL (of the global batch with `sync`), differentiable in the mean and std."""
         code = _gaussian(code)
-        return gaussian_kl(code.mean, code.std).mean()
+        return self.mean(gaussian_kl(code.mean, code.std))
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
                  permutations: int = 10, generator: torch.Generator | None = None) -> float:
         """The average KL over the (held-out) set, in nats; the other arguments are unused."""
         code = _gaussian(code)
-        return float(gaussian_kl(code.mean, code.std).double().mean())
+        return float(self.mean(gaussian_kl(code.mean, code.std).double()))
 
 
 @ESTIMATORS.register("vib_kl")
