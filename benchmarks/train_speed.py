@@ -3,7 +3,8 @@
     python benchmarks/train_speed.py                      # PI-MLP on Fashion-MNIST (+ CIFAR if --cifar-root)
     python benchmarks/train_speed.py --cifar-root /tmp/cifar10-jpeg --cifar-steps 20
 
-What it measures (each timed after warm-up steps, the median of --repeats):
+What it measures (after a warm-up, the median over --repeats rounds in which the training loops take turns, so a
+change in the machine's load falls on all of them alike):
   1. matmul peak: FLOP/s of torch.mm at a large square, and at the model's own layer shapes (the matmuls of one
      training step - forward and both backward products of every Linear - timed alone);
   2. a plain PyTorch reference loop: tensors in memory, the same network, cross-entropy only, Adam;
@@ -59,6 +60,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_together(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int) -> Dict[str, float]:
+    """Median wall seconds of each function over `repeats` rounds, the functions taking turns within each round
+    (after one warm-up call each), so that a change in the machine's load falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median wall seconds of `fn` over `repeats` calls (after one warm-up call)."""
     fn()
@@ -76,9 +93,9 @@ def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
 # 1. Matmul peak
 
 
-def mm_rate(shapes: List[Tuple[int, int, int]], device: torch.device, dtype: torch.dtype, repeats: int,
-            inner: int = 20) -> float:
-    """FLOP/s of running torch.mm once per (M, K, N) in `shapes`, `inner` times over."""
+def mm_loop(shapes: List[Tuple[int, int, int]], device: torch.device, dtype: torch.dtype,
+            inner: int = 20) -> Tuple[Callable[[], None], float]:
+    """A function running torch.mm once per (M, K, N) in `shapes`, `inner` times over, and its FLOPs."""
     mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
             for m, k, n in shapes]
     flops = inner * sum(2 * m * k * n for m, k, n in shapes)
@@ -88,7 +105,7 @@ def mm_rate(shapes: List[Tuple[int, int, int]], device: torch.device, dtype: tor
             for a, b in mats:
                 torch.mm(a, b)
 
-    return flops / timed(run, device, repeats)
+    return run, flops
 
 
 def linear_step_shapes(model: nn.Module, batch: int) -> List[Tuple[int, int, int]]:
@@ -114,9 +131,9 @@ def reference_mlp(in_features: int, hidden: List[int], z_dim: int, classes: int)
     return nn.Sequential(*layers)
 
 
-def reference_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
-                   device: torch.device, repeats: int) -> float:
-    """Samples per second of the textbook loop: index a batch of in-memory tensors, forward, CE, backward, Adam."""
+def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
+                   device: torch.device) -> Callable[[], None]:
+    """`steps` of the textbook loop: index a batch of in-memory tensors, forward, CE, backward, Adam."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
 
@@ -130,16 +147,16 @@ def reference_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
             loss.backward()
             opt.step()
 
-    return steps * batch / timed(run, device, repeats)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 3-4. ib's own code path
 
 
-def ib_rate(recipe_path: Path, overrides: List[str], steps: int, device: torch.device, repeats: int
-            ) -> Tuple[float, float, object]:
-    """Samples per second of `train_one_epoch` over `steps` batches, and counted FLOPs per sample of one step."""
+def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.device
+            ) -> Tuple[Callable[[], None], float, object]:
+    """An epoch of `train_one_epoch` over `steps` batches, the counted FLOPs per sample of one step, the run."""
     recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}"])
     run = build_run(recipe)
     b = recipe.data.batch_size
@@ -154,13 +171,12 @@ def ib_rate(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
             StepStats.zeros(device), step=state["step"], critic_steps=recipe.mi.critic_steps,
             grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9, fused=recipe.mi.fused)
 
-    seconds = timed(run_epoch, device, repeats)
     x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
     counter = FlopCounterMode(display=False)
     with counter:
         train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y,
                    run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused)
-    return n / seconds, counter.get_total_flops() / b, run
+    return run_epoch, counter.get_total_flops() / b, run
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,20 +226,24 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     recipe = ROOT / "recipes" / "fashion_mnist.yaml"
     plain = ["beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
     b = 100
-    ib0, flops0, run0 = ib_rate(recipe, plain, args.steps, device, args.repeats)
-    ib_mine, flops_mine, run_mine = ib_rate(recipe, ["beta=1e-3"], args.steps, device, args.repeats)
+    loop0, flops0, run0 = ib_loop(recipe, plain, args.steps, device)
+    loop_mine, flops_mine, run_mine = ib_loop(recipe, ["beta=1e-3"], args.steps, device)
     x = run0.data.train.x[: args.steps * b].to(device)
     y = run0.data.train.y[: args.steps * b].to(device)
     torch.manual_seed(0)
     ref_model = reference_mlp(784, [1024, 1024], 256, 10).to(device)
-    ref = reference_rate(ref_model, x, y, b, args.steps, device, args.repeats)
+    ref_loop = reference_loop(ref_model, x, y, b, args.steps, device)
     ref_flops = 2 * 3 * sum(m.in_features * m.out_features for m in ref_model.modules() if isinstance(m, nn.Linear))
-
-    square = mm_rate([(2048, 2048, 2048)], device, torch.float32, args.repeats, inner=3)
-    shapes0 = linear_step_shapes(run0.model, b)
+    # The peaks take turns with the training loops, so that utilisation compares rates measured under one load.
+    square, square_flops = mm_loop([(2048, 2048, 2048)], device, torch.float32, inner=3)
     shapes_mine = linear_step_shapes(run_mine.model, b) + linear_step_shapes(run_mine.estimator, 2 * b)
-    peak0 = mm_rate(shapes0, device, torch.float32, args.repeats)
-    peak_mine = mm_rate(shapes_mine, device, torch.float32, args.repeats)
+    mm0, mm0_flops = mm_loop(linear_step_shapes(run0.model, b), device, torch.float32)
+    mm_mine, mm_mine_flops = mm_loop(shapes_mine, device, torch.float32)
+    seconds = timed_together({"ref": ref_loop, "ib0": loop0, "mine": loop_mine, "square": square, "mm0": mm0,
+                              "mm_mine": mm_mine}, device, args.repeats)
+    ref, ib0, ib_mine = (args.steps * b / seconds[k] for k in ("ref", "ib0", "mine"))
+    square = square_flops / seconds["square"]
+    peak0, peak_mine = mm0_flops / seconds["mm0"], mm_mine_flops / seconds["mm_mine"]
     fm_ours, fm_tv = data_rates(run0, b, args.data_batches, device, args.repeats)
 
     lines += [
@@ -253,8 +273,10 @@ def cifar_section(args, device: torch.device, lines: List[str]) -> None:
     recipe = ROOT / "recipes" / "cifar10.yaml"
     data = [f"data.name=image_folder", f"data.root={args.cifar_root}"]
     plain = [*data, "beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
-    ib0, flops0, run0 = ib_rate(recipe, plain, args.cifar_steps, device, 1)
-    ib_mine, flops_mine, _ = ib_rate(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device, 1)
+    loop0, flops0, _ = ib_loop(recipe, plain, args.cifar_steps, device)
+    loop_mine, flops_mine, _ = ib_loop(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device)
+    seconds = timed_together({"ib0": loop0, "mine": loop_mine}, device, args.cifar_repeats)
+    ib0, ib_mine = (args.cifar_steps * 128 / seconds[k] for k in ("ib0", "mine"))
     lines += [
         f"## ResNet-18 (CIFAR stem) on the CIFAR-10 JPEG copy, batch 128, {args.cifar_steps} steps",
         "",
@@ -264,24 +286,29 @@ def cifar_section(args, device: torch.device, lines: List[str]) -> None:
         f"| ib, MINE-IB (conv x-branch critic) | {ib_mine:,.1f} | {flops_mine / 1e9:.2f} G | "
         f"{ib_mine * flops_mine / 1e9:.1f} |",
         "",
+        f"MINE-IB epoch time / beta=0 epoch time: {ib0 / ib_mine:.2f}x; FLOP ratio: {flops_mine / flops0:.2f}x.",
+        "",
     ]
 
 
-def main() -> None:
+def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps per timed repeat (PI-MLP)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds; in each the loops take turns (the median per loop is reported)")
     parser.add_argument("--data-batches", type=int, default=200)
     parser.add_argument("--cifar-root", help="the extracted CIFAR-10 JPEG copy (train/, test/); skipped if absent")
     parser.add_argument("--cifar-steps", type=int, default=20)
+    parser.add_argument("--cifar-repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_speed.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     lines = [
         "# Training speed: ib against a plain PyTorch loop",
         "",
-        f"Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `python benchmarks/{Path(__file__).name} "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`"),
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), device {device}; {dt.datetime.now():%Y-%m-%d %H:%M}.",

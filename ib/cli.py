@@ -180,9 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    other_rank = int(os.environ.get("RANK", "0") or 0) > 0  # under torchrun, rank 0 alone reports progress
-    logging.basicConfig(level=logging.WARNING if args.quiet or other_rank else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    # Under torchrun rank 0 alone reports; the others say only errors (their warnings would repeat rank 0's).
+    other_rank = int(os.environ.get("RANK", "0") or 0) > 0
+    level = logging.ERROR if other_rank else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -65,7 +65,15 @@ def setup(device: str) -> tuple[Process, Optional[torch.device]]:
 
     Returns the process's place and, for CUDA, its device (cuda:LOCAL_RANK; None: let the recipe choose). The
     backend is `nccl` on CUDA and `gloo` on CPU. Outside torchrun, or with one process, nothing is initialised.
+    A process group that the caller initialised already is used as it is.
     """
+    if dist.is_available() and dist.is_initialized():  # the caller's own process group (mp.spawn, srun, ...)
+        if dist.get_world_size() == 1:
+            return SINGLE, None
+        rank = dist.get_rank()
+        proc = Process(rank, int(os.environ.get("LOCAL_RANK", rank)), dist.get_world_size())
+        on_cuda = dist.get_backend() == "nccl"
+        return proc, torch.device("cuda", torch.cuda.current_device()) if on_cuda else None
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return SINGLE, None
     proc = Process(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -79,14 +87,29 @@ def setup(device: str) -> tuple[Process, Optional[torch.device]]:
     dev = torch.device("cuda", proc.local_rank) if use_cuda else None
     if dev is not None:
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                **({"device_id": dev} if dev is not None else {}))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                            **({"device_id": dev} if dev is not None else {}))
     return proc, dev
 
 
-def teardown() -> None:
+def broadcast_buffers_(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch-norm statistics) to every process, so that all evaluate the same model."""
+    if active():
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def teardown(wait: bool = True) -> None:
+    """Leave the process group; `wait`: after a barrier, so that no process tears gloo down while another still
+    talks to it (that can abort the process). A failing process leaves at once."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

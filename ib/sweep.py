@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -169,8 +170,10 @@ def train_with_torchrun(run: SweepRun, recipe_path: str | Path, overrides: Seque
                         resume: bool) -> str:
     """Train one run of the sweep with torchrun on this machine; returns its status from metrics.json.
 
-    The child's output goes to this terminal. Ctrl-C reaches torchrun and its workers as well, which save
-    `last.pt`; this process waits for them before it returns "interrupted".
+    The child's output goes to this terminal. Ctrl-C reaches torchrun, which passes the signal on to its workers:
+    they finish the step, save `last.pt` and exit; this process waits for them before it returns "interrupted".
+    torchrun kills workers that take longer than TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (its default, 30, can be
+    shorter than an epoch-end evaluation), so the child gets 600 unless the environment says otherwise.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
            "-m", "ib", "train"]
@@ -179,7 +182,8 @@ def train_with_torchrun(run: SweepRun, recipe_path: str | Path, overrides: Seque
     else:
         cmd += [str(recipe_path), *overrides, f"beta={run.beta!r}", f"seed={run.seed}", f"name={run.name}",
                 "--run-dir", str(run.run_dir), "--overwrite"]
-    child = subprocess.Popen(cmd)
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600", **os.environ}
+    child = subprocess.Popen(cmd, env=env)
     try:
         code = child.wait()
     except KeyboardInterrupt:

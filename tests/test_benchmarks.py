@@ -45,3 +45,30 @@ def test_mi_gaussian_samples_have_the_stated_mi():
     x, y = bench.sample(20000, 4.0, cubic=False, g=torch.Generator().manual_seed(0))
     corr = ((x - x.mean(0)) * (y - y.mean(0))).mean(0) / (x.std(0) * y.std(0))  # [20]
     assert corr.mean().item() == pytest.approx(rho, abs=0.01)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_train_speed_smoke_writes_the_report(tmp_path):
+    bench = _load("train_speed")
+    out = tmp_path / "train_speed.md"
+    bench.main(["--steps", "2", "--repeats", "1", "--data-batches", "2", "--device", "cpu", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# Training speed: ib against a plain PyTorch loop")
+    for row in ("| plain PyTorch reference (CE, Adam) |", "| ib, beta=0 (deterministic, no critic) |",
+                "| ib, MINE-IB (paper critic) |"):
+        cells = [c.strip() for c in next(l for l in text.splitlines() if l.startswith(row)).strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0 and 0 < float(cells[5]) < 2  # samples/s, utilisation
+    assert "FLOP ratio: 1.7" in text  # the paper critic's counted arithmetic over the beta=0 model's
+
+
+def test_ddp_digits_smoke_writes_the_report(tmp_path):
+    bench = _load("ddp_digits")
+    out = tmp_path / "ddp.md"
+    bench.main(["--procs", "1,2", "--out", str(out), "epochs=2", "eval.enabled=false"])
+    rows = [l for l in out.read_text().splitlines() if l.startswith("| ") and not l.startswith("| run |")]
+    assert [r.split("|")[1].strip() for r in rows] == ["1 process", "2 processes",
+                                                      "2 processes for 1 epochs, resumed in 1"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[2] == "40" and 0.1 < float(cells[3]) <= 1.0  # steps, test accuracy

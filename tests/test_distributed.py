@@ -40,6 +40,14 @@ def _join(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
 
 
+def _leave() -> None:
+    """Leave together (after a barrier) unless this process failed: a process that tears gloo down while the
+    other still talks to it can abort ("terminate called without an active exception")."""
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _bounds_worker(rank: int, store: str) -> None:
     """Each estimator's loss on two halves of a batch (sync, DDP) against the loss on the whole batch."""
     _join(rank, store)
@@ -82,7 +90,7 @@ def _bounds_worker(rank: int, store: str) -> None:
                 for b1, b2 in zip(single.buffers(), shared.buffers()):
                     torch.testing.assert_close(b2, b1, msg=label)  # MINE's moving average: the global one
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_global_batch_bounds_and_gradients_match_one_process(tmp_path):
@@ -96,29 +104,76 @@ def _eval_worker(rank: int, store: str) -> None:
         torch.manual_seed(0)
         model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
                                  num_classes=3, mean=(0.5,), std=(0.25,))
-        critic = CRITICS.create("joint", (1, 4, 4), 4, hidden=(16,), input_noise=0.0, hidden_noise=0.0)
-        single = ESTIMATORS.create("mine", critic)
         x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
         rows = slice(rank * 20, (rank + 1) * 20)
-        whole = information_plane(model, single, x, y, batch_size=8, permutations=3, seed=5)
-        shared = copy.deepcopy(single)
-        shared.sync = True
-        part = information_plane(model, shared, x[rows], y[rows], batch_size=8, permutations=3, seed=5, reduce=True)
-        assert part.keys() == whole.keys()
-        for k in whole:
-            if math.isnan(whole[k]):
-                assert math.isnan(part[k]), k
-            else:
-                assert part[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+        for name, kind in [("mine", "joint"), ("infonce", "separable")]:
+            options = {"input_noise": 0.0, "hidden_noise": 0.0} if kind == "joint" else {}
+            single = ESTIMATORS.create(name, CRITICS.create(kind, (1, 4, 4), 4, hidden=(16,), **options))
+            # blocks of 8 (InfoNCE), one of which straddles the two shares
+            whole = information_plane(model, single, x, y, batch_size=8, permutations=3, seed=5)
+            shared = copy.deepcopy(single)
+            shared.sync = True
+            part = information_plane(model, shared, x[rows], y[rows], batch_size=8, permutations=3, seed=5,
+                                     reduce=True)
+            assert part.keys() == whole.keys()
+            for k in whole:
+                if math.isnan(whole[k]):
+                    assert math.isnan(part[k]), k
+                else:
+                    assert part[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), (name, k)
         loader = BatchLoader(Split(x, y), 7, shuffle=False, drop_last=False)
         shard = BatchLoader(Split(x[rows], y[rows]), 7, shuffle=False, drop_last=False)
         assert evaluate(model, shard, samples=0, reduce=True) == pytest.approx(evaluate(model, loader, samples=0))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_sharded_evaluation_and_plane_match_one_process(tmp_path):
     _spawn(_eval_worker, tmp_path)
+
+
+def _step_worker(rank: int, store: str) -> None:
+    """One training step (fused and two-pass) through the DDP wrappers on two halves of a batch against one
+    process on the whole batch: every parameter of the classifier and of the critic ends the same."""
+    from ib.train import build_replicas, train_step
+
+    _join(rank, store)
+    try:
+        torch.manual_seed(0)
+        x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+        rows = slice(rank * 16, (rank + 1) * 16)
+        for fused in (True, False):
+            torch.manual_seed(1)
+            model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
+                                     num_classes=3, mean=(0.5,), std=(0.25,))
+            critic = CRITICS.create("joint", (1, 4, 4), 4, hidden=(16,), input_noise=0.0, hidden_noise=0.0)
+            est = ESTIMATORS.create("mine", critic)
+            copies = copy.deepcopy((model, est))
+            copies[1].sync = True
+            players = []
+            for m, e in ((model, est), copies):
+                # SGD: Adam's m / sqrt(v) would turn float-rounding differences of near-zero gradients into steps
+                # of a full learning rate, and the comparison would test Adam rather than the gradients.
+                players.append((m, e, torch.optim.SGD(m.parameters(), lr=0.1),
+                                torch.optim.SGD(e.parameters(), lr=0.1)))
+            replicas = build_replicas(*copies, torch.device("cpu"))
+            for step in range(3):  # the moving average starts at step 0 and is used after
+                torch.manual_seed(100 + step)  # the same marginal shift over the 32 rows in both
+                one = train_step(*players[0], x, y, 0.5, fused=fused)
+                torch.manual_seed(100 + step)
+                two = train_step(*players[1], x[rows], y[rows], 0.5, fused=fused, replicas=replicas)
+                assert bool(one["finite"]) and bool(two["finite"])
+                torch.testing.assert_close(two["mi_bound"], one["mi_bound"], rtol=1e-5, atol=1e-6,
+                                           msg=f"fused={fused} step {step}")
+            for p1, p2 in zip([*model.parameters(), *est.parameters()], [*copies[0].parameters(),
+                                                                          *copies[1].parameters()]):
+                torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-6, msg=f"fused={fused}")
+    finally:
+        _leave()
+
+
+def test_ddp_training_steps_match_one_process_on_the_whole_batch(tmp_path):
+    _spawn(_step_worker, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,3 +267,34 @@ def test_sweep_hands_each_run_to_torchrun(tmp_path, monkeypatch):
     recipe = (tmp_path / "sweep" / "beta_0.001_seed_0" / "recipe.yaml").read_text()
     assert "beta: 0.001" in recipe and "name: beta_0.001_seed_0" in recipe
     assert (tmp_path / "sweep" / "sweep.csv").exists()
+
+
+def test_ctrl_c_on_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_path):
+    """SIGINT to torchrun reaches both workers: they agree on the step to stop at, rank 0 saves last.pt (with the
+    loader's position when mid-epoch) and metrics.json says `interrupted`; one process then finishes the run."""
+    import signal
+    import time
+
+    from ib.train import resume_recipe
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "ib",
+           "train", str(DIGITS), "epochs=200", "eval.enabled=false", "--run-dir", "run"]
+    child = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    history = tmp_path / "run" / "history.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 3:  # two epochs done
+            break
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted", err[-3000:]
+    assert "interrupted: last.pt saved" in err
+    assert 2 <= metrics["epochs"] < 200
+    epochs = metrics["epochs"] + 2  # the interrupted epoch and one more
+    resumed = fit(resume_recipe(tmp_path / "run", [f"epochs={epochs}"]), tmp_path / "run", resume=True)
+    assert resumed["status"] == "completed" and resumed["steps"] == epochs * 20 and resumed["processes"] == 1
+    assert len(history.read_text().splitlines()) == 1 + epochs

@@ -390,3 +390,26 @@ def test_factory_convention(registry, name):
         assert p.name in hints and _allowed(hints[p.name]), f"{name}.{p.name}: {hints.get(p.name)}"
         assert _conforms(p.default, hints[p.name]), f"{name}.{p.name} default {p.default!r}"
     assert set(registry.options(name)) == {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3])
+def test_shared_first_layer_matches_autograd_through_the_concatenated_input(tiles):
+    """The joint critic's first layer on pairs sharing x: values and every gradient against the plain Linear on
+    concat(x, z) (double precision gradcheck too)."""
+    from ib.models.critics import shared_first_layer
+
+    torch.manual_seed(0)
+    b, f, k, h = 4, 5, 3, 6
+    fx = torch.randn(b, f, dtype=torch.float64, requires_grad=True)
+    zz = torch.randn(tiles * b, k, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(h, f + k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(h, dtype=torch.float64, requires_grad=True)
+    ours = shared_first_layer(fx, zz, weight, bias)
+    plain = torch.nn.functional.linear(torch.cat([fx.repeat(tiles, 1), zz], dim=1), weight, bias)
+    torch.testing.assert_close(ours, plain)
+    g = torch.randn_like(plain)
+    grads_ours = torch.autograd.grad(ours, (fx, zz, weight, bias), g)
+    grads_plain = torch.autograd.grad(plain, (fx, zz, weight, bias), g)
+    for a, e in zip(grads_ours, grads_plain):
+        torch.testing.assert_close(a, e)
+    assert torch.autograd.gradcheck(shared_first_layer, (fx, zz, weight, bias))

@@ -72,28 +72,35 @@ class InfoNCE(CriticEstimator):
                 pairs in row chunks of about 65,536 pairs, so memory stays bounded.
             permutations: unused (every pair within a block is scored).
             generator: unused (the blocks are fixed).
+
+        With `sync`, x and z are this process's equal share of the set; the blocks are those of the whole set,
+        so the value does not depend on the number of processes.
         """
-        n = z.shape[0]
+        pool, offset = distributed.gather(z) if self.sync else (z, 0)  # with `sync`: every process's codes
+        n = pool.shape[0]
         if n < 2:
             raise ValueError(f"InfoNCE needs at least 2 samples, got {n}")
         was_training = self.critic.training
         self.critic.eval()
+        # Blocks of the whole set; this process scores its own rows of each block against the block's codes.
         blocks = torch.arange(n, device=z.device).tensor_split(math.ceil(n / max(batch_size, 2)))
         total, ceiling = 0.0, 0.0
-        for idx in blocks:
-            m = idx.numel()
-            if m < 2:  # a lone sample has no negatives; it can only happen for n < 2, excluded above
+        for block in blocks:
+            m = block.numel()
+            lo, hi = max(int(block[0]), offset), min(int(block[-1]) + 1, offset + z.shape[0])
+            if m < 2 or lo >= hi:  # a lone sample has no negatives (only for n < 2, excluded above)
                 continue
-            zb = z[idx]
+            zb = pool[block]  # [m, K]
             rows = max(1, 65_536 // m)
-            s = torch.cat([self.critic.scores(x[idx[i:i + rows]], zb) for i in range(0, m, rows)])  # [m, m]
-            total += float(infonce_bound(s)) * m
-            ceiling += math.log(m) * m
+            s = torch.cat([self.critic.scores(x[i - offset:min(i + rows, hi) - offset], zb)
+                           for i in range(lo, hi, rows)])  # [hi - lo, m]
+            total += float(infonce_terms(s, lo - int(block[0])).sum())
+            ceiling += math.log(m) * (hi - lo)
         self.critic.train(was_training)
-        if self.sync:  # each process scored the blocks of its own share; average over all shares
-            sums = torch.tensor([total, ceiling, float(n)], dtype=torch.float64, device=z.device)
+        if self.sync:  # each process scored its own rows; add up over the processes
+            sums = torch.tensor([total, ceiling], dtype=torch.float64, device=z.device)
             distributed.reduce_sum_(sums)
-            total, ceiling, n = float(sums[0]), float(sums[1]), float(sums[2])
+            total, ceiling = float(sums[0]), float(sums[1])
         value, ceiling = total / n, ceiling / n
         if value > ceiling - CEILING_MARGIN:
             warnings.warn(

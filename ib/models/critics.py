@@ -4,7 +4,7 @@ A factory takes the input shape and the code width positionally and its settings
 `Critic`. Here x is the raw [0, 1] input [B, *x_shape] and z a code [B, K].
 """
 import math
-from typing import Literal, get_args
+from typing import Any, Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,39 @@ class Critic(nn.Module):
         fx = self.features(x)  # [B, F]
         t = self._pair(fx.repeat(p + 1, 1), torch.cat([z, z_shuffled]))  # [(P+1)*B]
         return t[:b], t[b:]
+
+
+class _SharedFirstLayer(torch.autograd.Function):
+    """h = (fx W_x^T + b) tiled P+1 times + zz W_z^T, with W = [W_x | W_z] one Linear's weight.
+
+    Autograd through two slices of W would build the weight's gradient from two zero-filled copies of W added
+    together; this backward writes it in one piece (about 1 ms of a 27 ms MINE step on the PI-MLP, 2 CPU cores).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        f = fx.shape[1]
+        ctx.save_for_backward(fx, zz, weight)
+        h_x = torch.addmm(bias, fx, weight[:, :f].t())  # [B, H], once per x
+        return h_x.repeat(zz.shape[0] // fx.shape[0], 1) + zz @ weight[:, f:].t()  # [(P+1)*B, H]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        fx, zz, weight = ctx.saved_tensors
+        b, f = fx.shape
+        grad_hx = grad.view(-1, b, grad.shape[1]).sum(0)  # [B, H]: the tiles of h_x add up
+        need = ctx.needs_input_grad
+        grad_fx = grad_hx @ weight[:, :f] if need[0] else None
+        grad_zz = grad @ weight[:, f:] if need[1] else None
+        grad_w = torch.cat([grad_hx.t() @ fx, grad.t() @ zz], dim=1) if need[2] else None  # [H, F + K]
+        grad_b = grad_hx.sum(0) if need[3] else None
+        return grad_fx, grad_zz, grad_w, grad_b
+
+
+def shared_first_layer(fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """The first layer of a joint critic on (P+1)*B pairs whose x half repeats: fx [B, F] once, zz [(P+1)*B, K];
+    weight [H, F + K], bias [H] -> [(P+1)*B, H] (row p*B + i pairs x_i with zz_{p*B+i})."""
+    return _SharedFirstLayer.apply(fx, zz, weight, bias)
 
 
 class JointCritic(Critic):
@@ -130,12 +163,10 @@ class JointCritic(Critic):
         saves about a quarter of the critic's arithmetic (784 of the first layer's 1,040 inputs).
         """
         b = x.shape[0]
-        p = z_shuffled.shape[0] // b
         first = self.layers[0]
         fx = self._noise(self.features(x), self.input_noise)  # [B, F]
         zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise)  # [(P+1)*B, K]
-        h_x = F.linear(fx, first.weight[:, : self.x_features], first.bias)  # [B, H1], once per x
-        h = h_x.repeat(p + 1, 1) + F.linear(zz, first.weight[:, self.x_features :])  # [(P+1)*B, H1]
+        h = shared_first_layer(fx, zz, first.weight, first.bias)  # [(P+1)*B, H1]
         t = self._from_first(h)  # [(P+1)*B]
         return t[:b], t[b:]
 
