@@ -307,8 +307,7 @@ def main(argv: List[str] | None = None) -> None:
     lines = [
         "# Training speed: ib against a plain PyTorch loop",
         "",
-        f"Command: `python benchmarks/{Path(__file__).name} "
-        f"{' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`"),
+        f"Command: `{' '.join(['python', f'benchmarks/{Path(__file__).name}', *(sys.argv[1:] if argv is None else argv)])}`",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), device {device}; {dt.datetime.now():%Y-%m-%d %H:%M}.",

@@ -20,10 +20,11 @@ receive exactly the gradient of the global-batch bound.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,9 @@ def teardown(wait: bool = True) -> None:
     """Leave the process group; `wait`: after a barrier, so that no process tears gloo down while another still
     talks to it (that can abort the process). A failing process leaves at once."""
     if dist.is_initialized():
+        # DDP wrappers that ran a backward through `gather` and are still alive when the process exits can abort
+        # it ("terminate called without an active exception"): collect them while the group is up.
+        gc.collect()
         if wait:
             dist.barrier()
         dist.destroy_process_group()
@@ -133,13 +137,29 @@ def gather(t: Tensor) -> tuple[Tensor, int]:
     return out, dist.get_rank() * t.shape[0]
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0; the backward hands each process the sum over processes of its rows' gradients.
+
+    Synchronous collectives only (all_gather, all_reduce), which every backend has (gloo lacks reduce-scatter);
+    the all-reduce moves N times the rows a reduce-scatter would, which for codes and scalars is nothing.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        ctx.rows = t.shape[0]
+        return torch.cat(_gather_plain(t))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # [N*B, ...]: every process's gradient for every row, summed
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
 def _gather_autograd(t: Tensor) -> Tensor:
     """all_gather along dim 0 whose backward sends each process the sum of its rows' gradients."""
-    import torch.distributed._functional_collectives as fc  # torch's own differentiable collectives
-
-    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd  # renamed in 2.12
-    out = gather(t.contiguous(), 0, dist.group.WORLD)
-    return fc.wait_tensor(out)
+    return _GatherRows.apply(t)
 
 
 def _gather_plain(t: Tensor) -> list[Tensor]:

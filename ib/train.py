@@ -438,11 +438,12 @@ def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: in
     with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
         for x, y in loader:
-            p = model.predict_proba(x, samples=0)  # [B, classes]
-            correct = correct + (p.argmax(1) == y).sum().double().cpu()
-            if samples > 0:
-                p = model.predict_proba(x, samples=samples)
+            if samples > 0:  # one encoder pass for both predictions
+                p_mean, p = model.predict_proba_both(x, samples)  # [B, classes] each
                 correct_sampled = correct_sampled + (p.argmax(1) == y).sum().double().cpu()
+            else:
+                p_mean = p = model.predict_proba(x, samples=0)
+            correct = correct + (p_mean.argmax(1) == y).sum().double().cpu()
             nll = nll + F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum").double().cpu()
             n += y.shape[0]
     restore()
@@ -825,11 +826,18 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
             shared = proc.distributed  # each process evaluates its share; the sums are added
             distributed.broadcast_buffers_(run.model)  # rank 0's batch-norm statistics, the ones saved
             val = evaluate(run.model, run.val_loader, samples=r.model.eval_samples, seed=r.seed, reduce=shared)
-            test = evaluate(run.model, run.test_loader, samples=r.model.eval_samples, seed=r.seed, reduce=shared)
-            row.update({"acc/val": val["acc"], "acc/test": test["acc"], "loss/val_nll": val["nll"],
-                        "loss/test_nll": test["nll"]})
+            row.update({"acc/val": val["acc"], "loss/val_nll": val["nll"]})
             if r.model.eval_samples:
-                row.update({"acc/val_sampled": val["acc_sampled"], "acc/test_sampled": test["acc_sampled"]})
+                row["acc/val_sampled"] = val["acc_sampled"]
+            # The test split: in the run's last epoch (and every monitor.test_every epochs), so that the default
+            # per-epoch cost stays small and nothing is chosen on it.
+            last = epoch == r.epochs or (stop_after is not None and epoch >= stop_after)
+            if last or (r.monitor.test_every and epoch % r.monitor.test_every == 0):
+                test = evaluate(run.model, run.test_loader, samples=r.model.eval_samples, seed=r.seed,
+                                reduce=shared)
+                row.update({"acc/test": test["acc"], "loss/test_nll": test["nll"]})
+                if r.model.eval_samples:
+                    row["acc/test_sampled"] = test["acc_sampled"]
             t2 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -859,11 +867,11 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
                 save_checkpoint(run_dir / "last.pt", state_now)
                 write_json(run_dir / "metrics.json", _metrics(run, row, plane, "running", train_seconds))
             last_row, last_plane = row, plane
+            test_acc = row.get("acc/test_sampled", row.get("acc/test"))
             (log.info if main else log.debug)(
-                "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s  val %.4f  test %.4f  beta %.3g  %.1fs",
+                "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s  val %.4f%s  beta %.3g  %.1fs",
                 epoch, r.epochs, row["loss/total"], row["loss/ce"], row["mi/I_XZ"], row["mi/I_ZY"], r.monitor.units,
-                val_acc,
-                row.get("acc/test_sampled", row["acc/test"]), row["beta"], epoch_time,
+                val_acc, "" if test_acc is None else f"  test {test_acc:.4f}", row["beta"], epoch_time,
             )
             if _stopping(stop, run.device) and epoch < r.epochs:  # signalled in the last step or the evaluation
                 status = "interrupted"

@@ -1,6 +1,7 @@
 """Data-parallel training on torch.distributed (gloo on CPU): the global-batch bounds and their gradients, the
 sharded loader, evaluation and information plane, and `torchrun -m ib train` end to end against one process."""
 import copy
+import gc
 import json
 import math
 import os
@@ -31,8 +32,17 @@ WORLD = 2
 # Two gloo processes in this test's own process group (torch.multiprocessing), each checking against one process
 
 
-def _spawn(fn, tmp_path: Path, *args) -> None:
-    mp.spawn(fn, args=(str(tmp_path / "store"), *args), nprocs=WORLD, join=True)
+def _spawn(check, tmp_path: Path) -> None:
+    """Run `check(rank)` in WORLD gloo processes."""
+    mp.spawn(_worker, args=(str(tmp_path / "store"), check), nprocs=WORLD, join=True)
+
+
+def _worker(rank: int, store: str, check) -> None:
+    _join(rank, store)
+    try:
+        check(rank)  # its DDP wrappers are gone when it returns (see _leave)
+    finally:
+        _leave()
 
 
 def _join(rank: int, store: str) -> None:
@@ -41,139 +51,132 @@ def _join(rank: int, store: str) -> None:
 
 
 def _leave() -> None:
-    """Leave together (after a barrier) unless this process failed: a process that tears gloo down while the
-    other still talks to it can abort ("terminate called without an active exception")."""
+    """Leave together (after a barrier) unless this process failed, with the DDP wrappers collected first: a
+    process that exits with a DDP wrapper alive after a backward through the differentiable gather, or tears gloo
+    down while the other still talks to it, can abort ("terminate called without an active exception")."""
+    gc.collect()
     if sys.exc_info()[0] is None:
         dist.barrier()
     dist.destroy_process_group()
 
 
-def _bounds_worker(rank: int, store: str) -> None:
+def _check_bounds(rank: int) -> None:
     """Each estimator's loss on two halves of a batch (sync, DDP) against the loss on the whole batch."""
-    _join(rank, store)
-    try:
-        b = 16  # per process; the global batch is 32
-        torch.manual_seed(0)
-        x = torch.randn(WORLD * b, 6)
-        z_full = torch.randn(WORLD * b, 4) + 0.8 * x[:, :4]
-        rows = slice(rank * b, (rank + 1) * b)
-        for name, options in [("mine", {}), ("mine", {"marginals": 3}), ("mine_f", {}), ("infonce", {}),
-                              ("smile", {}), ("jsd", {})]:
-            kind = "separable" if name == "infonce" else "joint"
-            torch.manual_seed(1)
-            critic = CRITICS.create(kind, (6,), 4, hidden=(16,), **({} if kind == "separable" else
-                                                                    {"input_noise": 0.0, "hidden_noise": 0.0}))
-            single = ESTIMATORS.create(name, critic, **options)
-            shared = copy.deepcopy(single)
-            shared.sync = True
-            replica = DDP(shared)
-            for step in range(2):  # MINE: the first step starts the moving average, the second uses it
-                # One process on the whole batch (same seed: the same marginal shifts over 32 rows) ...
-                torch.manual_seed(10 + step)
-                z1 = z_full.clone().requires_grad_()
-                loss1 = single.loss(x, z1)
-                single.zero_grad()
-                loss1.backward()
-                # ... and each process on its half, the critic behind DDP.
-                torch.manual_seed(10 + step)
-                z2 = z_full[rows].clone().requires_grad_()
-                loss2 = replica(x[rows], z2)
-                shared.zero_grad()
-                loss2.backward()
-                label = f"{name} {options} step {step}"
-                torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6, msg=label)
-                for p1, p2 in zip(single.parameters(), shared.parameters()):
-                    torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=label)
-                # The gradient reaching a process's codes is WORLD times its share; the encoder's DDP average
-                # divides it by WORLD again.
-                torch.testing.assert_close(z2.grad / WORLD, z1.grad[rows], rtol=1e-4, atol=1e-6, msg=label)
-                for b1, b2 in zip(single.buffers(), shared.buffers()):
-                    torch.testing.assert_close(b2, b1, msg=label)  # MINE's moving average: the global one
-    finally:
-        _leave()
+    b = 16  # per process; the global batch is 32
+    torch.manual_seed(0)
+    x = torch.randn(WORLD * b, 6)
+    z_full = torch.randn(WORLD * b, 4) + 0.8 * x[:, :4]
+    rows = slice(rank * b, (rank + 1) * b)
+    for name, options in [("mine", {}), ("mine", {"marginals": 3}), ("mine_f", {}), ("infonce", {}),
+                          ("smile", {}), ("jsd", {})]:
+        kind = "separable" if name == "infonce" else "joint"
+        torch.manual_seed(1)
+        critic = CRITICS.create(kind, (6,), 4, hidden=(16,), **({} if kind == "separable" else
+                                                                {"input_noise": 0.0, "hidden_noise": 0.0}))
+        single = ESTIMATORS.create(name, critic, **options)
+        shared = copy.deepcopy(single)
+        shared.sync = True
+        replica = DDP(shared)
+        for step in range(2):  # MINE: the first step starts the moving average, the second uses it
+            # One process on the whole batch (same seed: the same marginal shifts over 32 rows) ...
+            torch.manual_seed(10 + step)
+            z1 = z_full.clone().requires_grad_()
+            loss1 = single.loss(x, z1)
+            single.zero_grad()
+            loss1.backward()
+            # ... and each process on its half, the critic behind DDP.
+            torch.manual_seed(10 + step)
+            z2 = z_full[rows].clone().requires_grad_()
+            loss2 = replica(x[rows], z2)
+            shared.zero_grad()
+            loss2.backward()
+            label = f"{name} {options} step {step}"
+            torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6, msg=label)
+            for p1, p2 in zip(single.parameters(), shared.parameters()):
+                torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-4, atol=1e-6, msg=label)
+            # The gradient reaching a process's codes is WORLD times its share; the encoder's DDP average
+            # divides it by WORLD again.
+            torch.testing.assert_close(z2.grad / WORLD, z1.grad[rows], rtol=1e-4, atol=1e-6, msg=label)
+            for b1, b2 in zip(single.buffers(), shared.buffers()):
+                torch.testing.assert_close(b2, b1, msg=label)  # MINE's moving average: the global one
+
 
 
 def test_global_batch_bounds_and_gradients_match_one_process(tmp_path):
-    _spawn(_bounds_worker, tmp_path)
+    _spawn(_check_bounds, tmp_path)
 
 
-def _eval_worker(rank: int, store: str) -> None:
+def _check_eval(rank: int) -> None:
     """Evaluation and the information plane on two shares of a set equal one process on the whole set."""
-    _join(rank, store)
-    try:
-        torch.manual_seed(0)
-        model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
-                                 num_classes=3, mean=(0.5,), std=(0.25,))
-        x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
-        rows = slice(rank * 20, (rank + 1) * 20)
-        for name, kind in [("mine", "joint"), ("infonce", "separable")]:
-            options = {"input_noise": 0.0, "hidden_noise": 0.0} if kind == "joint" else {}
-            single = ESTIMATORS.create(name, CRITICS.create(kind, (1, 4, 4), 4, hidden=(16,), **options))
-            # blocks of 8 (InfoNCE), one of which straddles the two shares
-            whole = information_plane(model, single, x, y, batch_size=8, permutations=3, seed=5)
-            shared = copy.deepcopy(single)
-            shared.sync = True
-            part = information_plane(model, shared, x[rows], y[rows], batch_size=8, permutations=3, seed=5,
-                                     reduce=True)
-            assert part.keys() == whole.keys()
-            for k in whole:
-                if math.isnan(whole[k]):
-                    assert math.isnan(part[k]), k
-                else:
-                    assert part[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), (name, k)
-        loader = BatchLoader(Split(x, y), 7, shuffle=False, drop_last=False)
-        shard = BatchLoader(Split(x[rows], y[rows]), 7, shuffle=False, drop_last=False)
-        assert evaluate(model, shard, samples=0, reduce=True) == pytest.approx(evaluate(model, loader, samples=0))
-    finally:
-        _leave()
+    torch.manual_seed(0)
+    model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
+                             num_classes=3, mean=(0.5,), std=(0.25,))
+    x, y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    rows = slice(rank * 20, (rank + 1) * 20)
+    for name, kind in [("mine", "joint"), ("infonce", "separable")]:
+        options = {"input_noise": 0.0, "hidden_noise": 0.0} if kind == "joint" else {}
+        single = ESTIMATORS.create(name, CRITICS.create(kind, (1, 4, 4), 4, hidden=(16,), **options))
+        # blocks of 8 (InfoNCE), one of which straddles the two shares
+        whole = information_plane(model, single, x, y, batch_size=8, permutations=3, seed=5)
+        shared = copy.deepcopy(single)
+        shared.sync = True
+        part = information_plane(model, shared, x[rows], y[rows], batch_size=8, permutations=3, seed=5,
+                                 reduce=True)
+        assert part.keys() == whole.keys()
+        for k in whole:
+            if math.isnan(whole[k]):
+                assert math.isnan(part[k]), k
+            else:
+                assert part[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), (name, k)
+    loader = BatchLoader(Split(x, y), 7, shuffle=False, drop_last=False)
+    shard = BatchLoader(Split(x[rows], y[rows]), 7, shuffle=False, drop_last=False)
+    assert evaluate(model, shard, samples=0, reduce=True) == pytest.approx(evaluate(model, loader, samples=0))
+
 
 
 def test_sharded_evaluation_and_plane_match_one_process(tmp_path):
-    _spawn(_eval_worker, tmp_path)
+    _spawn(_check_eval, tmp_path)
 
 
-def _step_worker(rank: int, store: str) -> None:
+def _check_step(rank: int) -> None:
     """One training step (fused and two-pass) through the DDP wrappers on two halves of a batch against one
     process on the whole batch: every parameter of the classifier and of the critic ends the same."""
     from ib.train import build_replicas, train_step
 
-    _join(rank, store)
-    try:
-        torch.manual_seed(0)
-        x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
-        rows = slice(rank * 16, (rank + 1) * 16)
-        for fused in (True, False):
-            torch.manual_seed(1)
-            model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
-                                     num_classes=3, mean=(0.5,), std=(0.25,))
-            critic = CRITICS.create("joint", (1, 4, 4), 4, hidden=(16,), input_noise=0.0, hidden_noise=0.0)
-            est = ESTIMATORS.create("mine", critic)
-            copies = copy.deepcopy((model, est))
-            copies[1].sync = True
-            players = []
-            for m, e in ((model, est), copies):
-                # SGD: Adam's m / sqrt(v) would turn float-rounding differences of near-zero gradients into steps
-                # of a full learning rate, and the comparison would test Adam rather than the gradients.
-                players.append((m, e, torch.optim.SGD(m.parameters(), lr=0.1),
-                                torch.optim.SGD(e.parameters(), lr=0.1)))
-            replicas = build_replicas(*copies, torch.device("cpu"))
-            for step in range(3):  # the moving average starts at step 0 and is used after
-                torch.manual_seed(100 + step)  # the same marginal shift over the 32 rows in both
-                one = train_step(*players[0], x, y, 0.5, fused=fused)
-                torch.manual_seed(100 + step)
-                two = train_step(*players[1], x[rows], y[rows], 0.5, fused=fused, replicas=replicas)
-                assert bool(one["finite"]) and bool(two["finite"])
-                torch.testing.assert_close(two["mi_bound"], one["mi_bound"], rtol=1e-5, atol=1e-6,
-                                           msg=f"fused={fused} step {step}")
-            for p1, p2 in zip([*model.parameters(), *est.parameters()], [*copies[0].parameters(),
-                                                                          *copies[1].parameters()]):
-                torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-6, msg=f"fused={fused}")
-    finally:
-        _leave()
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    rows = slice(rank * 16, (rank + 1) * 16)
+    for fused in (True, False):
+        torch.manual_seed(1)
+        model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
+                                 num_classes=3, mean=(0.5,), std=(0.25,))
+        critic = CRITICS.create("joint", (1, 4, 4), 4, hidden=(16,), input_noise=0.0, hidden_noise=0.0)
+        est = ESTIMATORS.create("mine", critic)
+        copies = copy.deepcopy((model, est))
+        copies[1].sync = True
+        players = []
+        for m, e in ((model, est), copies):
+            # SGD: Adam's m / sqrt(v) would turn float-rounding differences of near-zero gradients into steps
+            # of a full learning rate, and the comparison would test Adam rather than the gradients.
+            players.append((m, e, torch.optim.SGD(m.parameters(), lr=0.1),
+                            torch.optim.SGD(e.parameters(), lr=0.1)))
+        replicas = build_replicas(*copies, torch.device("cpu"))
+        for step in range(3):  # the moving average starts at step 0 and is used after
+            torch.manual_seed(100 + step)  # the same marginal shift over the 32 rows in both
+            one = train_step(*players[0], x, y, 0.5, fused=fused)
+            torch.manual_seed(100 + step)
+            two = train_step(*players[1], x[rows], y[rows], 0.5, fused=fused, replicas=replicas)
+            assert bool(one["finite"]) and bool(two["finite"])
+            torch.testing.assert_close(two["mi_bound"], one["mi_bound"], rtol=1e-5, atol=1e-6,
+                                       msg=f"fused={fused} step {step}")
+        for p1, p2 in zip([*model.parameters(), *est.parameters()], [*copies[0].parameters(),
+                                                                      *copies[1].parameters()]):
+            torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-6, msg=f"fused={fused}")
+
 
 
 def test_ddp_training_steps_match_one_process_on_the_whole_batch(tmp_path):
-    _spawn(_step_worker, tmp_path)
+    _spawn(_check_step, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert {"loss/total", "loss/ce", "mi/I_XZ", "beta", "acc/val", "acc/test", "time/epoch_s"} <= set(rows[0])
+    # The test split is evaluated in the last epoch only (monitor.test_every=0); validation every epoch.
+    assert [r["acc/test"] != "" for r in rows] == [False, False, True] and all(r["acc/val"] for r in rows)
+    assert float(rows[-1]["acc/test_sampled"]) == m["test_accuracy"]
     saved = load_recipe(run / "recipe.yaml")  # the resolved recipe, overrides applied
     assert saved.epochs == 3 and saved.model.bottleneck.options["z_dim"] == 8
 
@@ -53,13 +56,15 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
 def test_tensorboard_events_hold_the_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = tmp_path / "run"
-    fit(load_recipe(DIGITS, ["epochs=2", *SMALL]), run)
-    acc = EventAccumulator(str(run))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"loss/total", "loss/ce", "mi/I_XZ", "beta", "acc/val", "acc/test", "time/epoch_s"} <= tags
-    assert [e.step for e in acc.Scalars("acc/test")] == [1, 2]
+    for test_every, test_steps in ((0, [3]), (2, [2, 3]), (1, [1, 2, 3])):
+        run = tmp_path / f"run_{test_every}"
+        fit(load_recipe(DIGITS, ["epochs=3", *SMALL, f"monitor.test_every={test_every}"]), run)
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"loss/total", "loss/ce", "mi/I_XZ", "beta", "acc/val", "acc/test", "time/epoch_s"} <= tags
+        assert [e.step for e in acc.Scalars("acc/val")] == [1, 2, 3]
+        assert [e.step for e in acc.Scalars("acc/test")] == test_steps
 
 
 def test_resume_after_stopping_gives_the_same_weights_and_metrics(tmp_path):

@@ -167,12 +167,10 @@ class CriticEstimator(MIEstimator):
         t_joint, t_marg = [], []
         for start in range(0, z.shape[0], batch_size):
             idx = torch.arange(start, min(start + batch_size, z.shape[0]), device=z.device)
-            xb = x[idx]
-            for k, shift in enumerate(shifts):
-                zm = pool[(idx + offset - shift) % n]  # == torch.roll(pool, shift)[idx + offset]
-                tj, tm = self.critic.pair_scores(xb, z[idx], zm)
-                if k == 0:
-                    t_joint.append(tj)
-                t_marg.append(tm)
+            # All pairings of the batch in one critic pass: x's features once, [P*B] marginal scores.
+            zm = torch.cat([pool[(idx + offset - shift) % n] for shift in shifts])  # == roll(pool, s)[idx + offset]
+            tj, tm = self.critic.pair_scores(x[idx], z[idx], zm)
+            t_joint.append(tj)
+            t_marg.append(tm)
         self.critic.train(was_training)
         return float(self.report(torch.cat(t_joint), torch.cat(t_marg)))

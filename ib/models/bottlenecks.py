@@ -55,6 +55,10 @@ class Bottleneck(nn.Module):
         xs = x.unsqueeze(0).expand(samples, *x.shape).reshape(samples * b, *x.shape[1:])  # [S * B, ...]
         return self(xs, sample=True).z.view(samples, b, self.z_dim)
 
+    def mean_and_samples(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+        """The noise-free code [B, K] and `samples` sampled codes [S, B, K] (as `sample_z`) of the same inputs."""
+        return self(x, sample=False).z, self.sample_z(x, samples)
+
 
 class GaussianBottleneck(Bottleneck):
     """z = mean(x) + std(x) * eps with std = softplus(pre - std_offset), the parameterisation of the VIB paper."""
@@ -75,8 +79,11 @@ class GaussianBottleneck(Bottleneck):
         return Code(z, mean, std)
 
     def sample_z(self, x: Tensor, samples: int) -> Tensor:
-        mean, std = self.params(x)  # one encoder pass for all samples
-        return mean + std * torch.randn(samples, *std.shape, device=std.device, dtype=std.dtype)  # [S, B, K]
+        return self.mean_and_samples(x, samples)[1]
+
+    def mean_and_samples(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+        mean, std = self.params(x)  # one encoder pass for the mean and all samples
+        return mean, mean + std * torch.randn(samples, *std.shape, device=std.device, dtype=std.dtype)  # [S, B, K]
 
 
 class AdditiveBottleneck(Bottleneck):

@@ -82,6 +82,13 @@ class IBClassifier(nn.Module):
         z = self.bottleneck.sample_z(self.normalise(x), samples)  # [S, B, K]
         return self.decode(z).softmax(-1).mean(0)
 
+    @torch.no_grad()
+    def predict_proba_both(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+        """`predict_proba(x, 0)` and `predict_proba(x, samples)` (samples >= 1) from one encoder pass where the
+        bottleneck allows (Gaussian: the mean and the samples share it), each [B, num_classes]."""
+        mean, z = self.bottleneck.mean_and_samples(self.normalise(x), samples)  # [B, K], [S, B, K]
+        return self.decode(mean).softmax(-1), self.decode(z).softmax(-1).mean(0)
+
 
 def _check_kwargs(registry: Registry, name: str, kwargs: Mapping[str, Any]) -> None:
     options = registry.options(name)
