@@ -413,3 +413,20 @@ def test_shared_first_layer_matches_autograd_through_the_concatenated_input(tile
     for a, e in zip(grads_ours, grads_plain):
         torch.testing.assert_close(a, e)
     assert torch.autograd.gradcheck(shared_first_layer, (fx, zz, weight, bias))
+
+
+def test_elu_by_exp_matches_torch_elu_in_value_and_gradient():
+    from ib.models.encoders import make_activation
+
+    x = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([0.0, -1e-8, 1e-8, -88.0])]).requires_grad_()
+    ours = make_activation("elu")(x)
+    ref = torch.nn.functional.elu(x)
+    torch.testing.assert_close(ours, ref, atol=1e-7, rtol=1e-6)
+    g = torch.randn_like(x)
+    (grad_ours,) = torch.autograd.grad(ours, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-7, rtol=1e-6)
+    x64 = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    from ib.models.encoders import _ELUByExp
+
+    assert torch.autograd.gradcheck(_ELUByExp.apply, (x64,))

@@ -7,6 +7,7 @@ small validation helpers here are shared by the sibling modules of ``ib.models``
 import math
 from typing import Any, Collection, Literal, Optional, Sequence, get_args
 
+import torch
 from torch import Tensor, nn
 
 from ib.errors import ConfigError
@@ -15,7 +16,38 @@ from ib.registry import Registry
 ENCODERS = Registry("encoder")
 
 Activation = Literal["relu", "elu", "gelu", "tanh"]
-_ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class _ELUByExp(torch.autograd.Function):
+    """ELU (alpha 1) as e^min(x, 0) - 1 + max(x, 0), with torch's own ELU backward (from the output).
+
+    torch's CPU ELU calls an unvectorised expm1: 0.45 ms per 100k floats on 2 CPU cores, against 0.075 ms this
+    way (differences up to 6e-8, the rounding of e^x - 1 near 0). The paper's statistics network runs two ELUs on
+    every pair each step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y = torch.exp(x.clamp(max=0.0)).sub_(1.0).add_(x.clamp(min=0.0))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.elu_backward(grad, 1.0, 1.0, 1.0, True, y)
+
+
+class ELU(nn.ELU):
+    """nn.ELU (alpha 1), computed through `exp` on the CPU (see `_ELUByExp`); torch's kernel elsewhere."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.is_floating_point() and not self.inplace:
+            return _ELUByExp.apply(x)
+        return super().forward(x)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 def make_activation(name: str) -> nn.Module:
