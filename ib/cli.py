@@ -41,6 +41,11 @@ def _usage_exit(message: str) -> None:
     raise SystemExit(EXIT_USAGE)
 
 
+def _number(value: object) -> float:
+    """A figure for a %-format: missing ones (null in metrics.json, blank in sweep.csv) print as nan."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 def _train(args: argparse.Namespace) -> int:
     from ib.recipe import load_recipe  # ib.train (torch) is imported once the recipe has been read
 
@@ -73,9 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     if metrics["status"] == "stopped":
         log.info("stopped after epoch %d as asked; continue with: ib train --resume %s", metrics["epochs"], run_dir)
         return 0
-    log.info("done: test accuracy %.4f, I(X;Z) %.3f nats, %.1f s; run folder %s",
-             metrics["test_accuracy"], metrics["I_XZ_nats"] if metrics["I_XZ_nats"] is not None else float("nan"),
-             metrics["train_seconds"], run_dir)
+    log.info("done: test accuracy %.4f, I(X;Z) %.3f nats, %.1f s; run folder %s", _number(metrics["test_accuracy"]),
+             _number(metrics["I_XZ_nats"]), metrics["train_seconds"], run_dir)
     return 0
 
 
@@ -89,8 +93,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if any(r["status"] != "completed" for r in rows):
         return EXIT_INTERRUPTED
     for r in rows:
-        log.info("%-24s test accuracy %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s", r["run"], r["test_accuracy"],
-                 r["I_XZ"] if isinstance(r["I_XZ"], float) else float("nan"), r["I_ZY"], r["units"])
+        log.info("%-24s test accuracy %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s", r["run"], _number(r["test_accuracy"]),
+                 _number(r["I_XZ"]), _number(r["I_ZY"]), r["units"])
     return 0
 
 

@@ -196,9 +196,9 @@ class MonitorConfig:
     probe_size: int = _field(2000, "held-out probe set for the information plane: the first N validation images",
                              ge=2, le=1_000_000)
     plane_figure: bool = _field(True, "draw the information-plane trajectory into TensorBoard each epoch")
-    test_every: int = _field(0, "evaluate the test split every N epochs too (0: only in a run's last epoch); the "
-                                "validation split, which chooses best.pt, is evaluated every epoch", ge=0,
-                             le=1_000_000)
+    test_every: int = _field(0, "evaluate the test split every N epochs too (0: only in a run's last epoch and "
+                                "at a --stop-after epoch); the validation split, which chooses best.pt, is "
+                                "evaluated every epoch", ge=0, le=1_000_000)
 
 
 AttackName = Literal["fgsm", "pgd_linf", "pgd_l2", "eot_pgd", "noise"]

@@ -82,6 +82,7 @@ def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MI
 
 
 def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    params = list(params)  # a generator would be used up by the fused check
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
@@ -97,11 +98,27 @@ def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.o
     return opt_cls(params, **kwargs)
 
 
-def _fused_adam_ok(params: Sequence[nn.Parameter]) -> bool:
-    """Whether fused Adam(W) applies: floating-point parameters, all on one CPU or CUDA device."""
+def _fused_adam_ok(params: Sequence[Any]) -> bool:
+    """Whether fused Adam(W) applies: floating-point parameters (or param groups of them), all on one CPU or CUDA
+    device."""
+    params = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     devices = {p.device for p in params}
     return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
             and all(p.is_floating_point() for p in params))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """`optimizer.load_state_dict`, keeping the implementation it was built with (fused or not): the saved groups
+    carry the flags of the run that saved them, e.g. no `fused` from checkpoints written before it was used."""
+    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
+        if kept["fused"]:  # fused kernels want each step counter as a float tensor on the parameter's device
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if isinstance(st.get("step"), Tensor):
+                    st["step"] = st["step"].to(p.device, torch.float32)
 
 
 @dataclass
@@ -515,8 +532,8 @@ class Run:
         if self.estimator is not None:
             self.estimator.load_state_dict(state["estimator"])
             if self.critic_optimizer is not None:  # critic-free bounds (vib_kl) have no optimiser
-                self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
+                load_optimizer(self.critic_optimizer, state["critic_optimizer"])
+        load_optimizer(self.optimizer, state["optimizer"])
         self.beta_schedule.load_state_dict(state["beta_schedule"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.train_loader.load_state_dict(state["train_loader"])
@@ -675,6 +692,13 @@ def _probe_set(run: Run) -> Split:
     part = distributed.shard(n, run.proc)
     x = source.x[part].to(run.device)
     return Split(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), source.y[part].to(run.device))
+
+
+def _test_metrics(run: Run, shared: bool) -> Dict[str, Any]:
+    samples = run.recipe.model.eval_samples
+    test = evaluate(run.model, run.test_loader, samples=samples, seed=run.recipe.seed, reduce=shared)
+    return {"test_accuracy": test["acc_sampled"] if samples else test["acc"], "test_accuracy_mean_code": test["acc"],
+            "test_accuracy_sampled": test["acc_sampled"] if samples else None, "test_nll": test["nll"]}
 
 
 def _metrics(run: Run, row: Dict[str, float], plane: Dict[str, float], status: str,
@@ -899,6 +923,11 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
         metrics.pop("error", None)  # a failure recorded before this resume is over
     else:
         metrics = _metrics(run, last_row, last_plane, status, train_seconds)
+    reported = metrics.get("test_accuracy")
+    if status == "completed" and (not isinstance(reported, float) or math.isnan(reported)):
+        # The last epoch's test pass never ran (stopped after that epoch's checkpoint, then resumed with nothing
+        # left to train): evaluate the test split now, so that a completed run always reports it.
+        metrics.update(_test_metrics(run, proc.distributed))
     if main:
         write_json(run_dir / "metrics.json", metrics)
     return metrics
@@ -940,4 +969,8 @@ def resume_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             raise ConfigError(f"--resume continues a run as it was; only epochs=N may be changed, got '{text}'")
     if not isinstance(state.get("recipe"), dict):
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no recipe: not a checkpoint written by ib train")
-    return recipe_from_dict(state["recipe"], overrides, source=str(run_dir / "last.pt"))
+    recipe = recipe_from_dict(state["recipe"], overrides, source=str(run_dir / "last.pt"))
+    done = int(state.get("epoch", 0))
+    if recipe.epochs < done:
+        raise ConfigError(f"--resume: epochs={recipe.epochs} is fewer than the {done} epochs {run_dir} has trained")
+    return recipe

@@ -56,7 +56,7 @@ def test_train_speed_smoke_writes_the_report(tmp_path):
     text = out.read_text()
     assert text.startswith("# Training speed: ib against a plain PyTorch loop")
     assert "Command: `python benchmarks/train_speed.py --steps 2 --repeats 1" in text
-    for row in ("| plain PyTorch reference (CE, Adam) |", "| ib, beta=0 (deterministic, no critic) |",
+    for row in ("| plain PyTorch reference (CE, torch's default Adam) |", "| ib, beta=0 (deterministic, no critic) |",
                 "| ib, MINE-IB (paper critic) |"):
         cells = [c.strip() for c in next(l for l in text.splitlines() if l.startswith(row)).strip("|").split("|")]
         assert float(cells[1].replace(",", "")) > 0 and 0 < float(cells[5]) < 2  # samples/s, utilisation

@@ -250,3 +250,49 @@ def test_a_warning_from_the_plane_is_logged_once_per_run(monkeypatch, tmp_path, 
         fit(load_recipe(DIGITS, ["epochs=3", *SMALL]), tmp_path / "run")
     said = [r for r in caplog.records if "estimate near its ceiling" in r.getMessage()]
     assert len(said) == 1 and "epoch 1" in said[0].getMessage()
+
+
+def test_a_run_stopped_after_its_last_checkpoint_reports_the_test_split_when_completed(tmp_path, monkeypatch):
+    """Interrupted at the end of epoch 2 of 4 (no test pass there), then resumed with epochs=2: nothing is left
+    to train, and the completed run still reports its test accuracy. Fewer epochs than trained are refused."""
+    import ib.train
+    from ib.errors import ConfigError
+    from ib.train import resume_recipe
+
+    real = ib.train._stopping
+    calls = {"n": 0}
+
+    def stop_after_epoch_two(stop, device):
+        calls["n"] += 1
+        if calls["n"] == 2 * 20 + 2:  # the check after epoch 2's evaluation (one per step, one per epoch)
+            stop.signal = 2
+        return real(stop, device)
+
+    monkeypatch.setattr(ib.train, "_stopping", stop_after_epoch_two)
+    first = fit(load_recipe(DIGITS, ["epochs=4", *SMALL]), tmp_path / "run")
+    monkeypatch.undo()
+    assert first["status"] == "interrupted" and first["epochs"] == 2 and math.isnan(first["test_accuracy"])
+    with pytest.raises(ConfigError, match="fewer than the 2 epochs"):
+        resume_recipe(tmp_path / "run", ["epochs=1"])
+    done = fit(resume_recipe(tmp_path / "run", ["epochs=2"]), tmp_path / "run", resume=True)
+    assert done["status"] == "completed" and 0.5 < done["test_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] == done["test_accuracy"]
+
+
+def test_build_optimizer_takes_generators_and_groups_and_resume_keeps_fused_adam():
+    from ib.recipe import OptimConfig
+    from ib.train import build_optimizer, load_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(OptimConfig(name="adam"), model.parameters())  # a generator
+    assert len(opt.param_groups[0]["params"]) == 2 and opt.param_groups[0]["fused"]
+    groups = build_optimizer(OptimConfig(name="adamw"), [{"params": [model.weight]}, {"params": [model.bias]}])
+    assert len(groups.param_groups) == 2
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    old = opt.state_dict()
+    for g in old["param_groups"]:  # as written before fused Adam was used
+        g["fused"] = None
+    load_optimizer(opt, old)
+    assert opt.param_groups[0]["fused"] is True
+    opt.step()  # the fused kernel accepts the loaded state
