@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ib.train
-from ib.cli import main
+from helpers import assert_one_error_line, run_main
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"
@@ -28,24 +28,6 @@ def expected_phrases(path: Path) -> list:
     first = path.read_bytes().split(b"\n", 1)[0].decode("ascii")
     assert first.startswith("# expect:"), f"{path.name}: the first line must be '# expect: ...'"
     return [p.strip() for p in first.removeprefix("# expect:").split("|") if p.strip()]
-
-
-def run_main(argv, capsys):
-    """`ib.cli.main(argv)` -> (exit status, stderr lines); argparse's SystemExit counts as a status."""
-    capsys.readouterr()
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err.splitlines()
-
-
-def assert_one_error_line(status, lines, phrases):
-    assert status == 2, (status, lines)
-    assert not any("Traceback" in line for line in lines), lines
-    assert len(lines) == 1 and lines[0].startswith("ib: error: "), lines
-    for phrase in phrases:
-        assert phrase in lines[0], (phrase, lines[0])
 
 
 @pytest.fixture(autouse=True, scope="module")

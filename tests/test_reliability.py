@@ -19,7 +19,7 @@ import torch
 import ib.checkpoint
 import ib.train
 from ib.checkpoint import load_checkpoint
-from ib.cli import main
+from helpers import assert_one_error_line, run_main, tensors
 from ib.errors import CheckpointError
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
@@ -41,17 +41,6 @@ PARTS = ("model", "estimator", "optimizer", "critic_optimizer")
 # Helpers
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def _same(a, b) -> bool:
     """Bitwise-equal tensors, equal everything else, through nested dicts and lists."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -67,7 +56,7 @@ def assert_same_state(a: Path, b: Path, parts=PARTS):
     """The named parts of two checkpoints are identical: every weight, MINE's average, the Adam moments."""
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     for part in parts:
-        assert list(_tensors(sa[part])) or part == "beta_schedule", f"{part} holds no tensors"
+        assert list(tensors(sa[part])) or part == "beta_schedule", f"{part} holds no tensors"
         assert _same(sa[part], sb[part]), part
     assert (sa["epoch"], sa["step"]) == (sb["epoch"], sb["step"])
 
@@ -88,21 +77,10 @@ def assert_same_run(run_dir: Path, reference: Path):
     assert history_without_timings(run_dir) == history_without_timings(reference)
 
 
-def run_main(argv, capsys):
-    capsys.readouterr()
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err.splitlines()
-
-
-def assert_one_error_line(status, lines, phrases):
-    assert status == 2, (status, lines)
-    assert not any("Traceback" in line for line in lines), lines
-    assert len(lines) == 1 and lines[0].startswith("ib: error: "), lines
-    for phrase in phrases:
-        assert phrase in lines[0], (phrase, lines[0])
+def start_training(run_dir: Path, cwd: Path) -> subprocess.Popen:
+    """`ib -q train` of the digits recipe (RUN) into run_dir, in a child process on one thread."""
+    return subprocess.Popen([sys.executable, "-m", "ib", "-q", "train", str(DIGITS), *RUN, "--run-dir", str(run_dir)],
+                            cwd=cwd, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -148,9 +126,7 @@ def no_data(monkeypatch):
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(reference, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ib", "-q", "train", str(DIGITS), *RUN, "--run-dir", str(run_dir)],
-                            cwd=tmp_path, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_training(run_dir, tmp_path)
     try:
         wait_for(run_dir / "last.pt", proc)
         time.sleep(0.05)  # into the next epoch
@@ -169,9 +145,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(reference, tmp_pat
 
 def test_sigint_saves_last_pt_says_how_to_resume_and_resume_reproduces_the_run(reference, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "ib", "-q", "train", str(DIGITS), *RUN, "--run-dir", str(run_dir)],
-                            cwd=tmp_path, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = start_training(run_dir, tmp_path)
     try:
         wait_for(run_dir / "metrics.json", proc)  # written after epoch 1's last.pt
         epoch_seconds = json.loads((run_dir / "metrics.json").read_text())["epoch_seconds"][0]
@@ -269,7 +243,7 @@ def _tiny_minimax():
 
 def _snapshot(module, optimizer):
     return ([t.detach().clone() for t in module.state_dict().values()],
-            [t.clone() for t in _tensors(optimizer.state_dict()["state"])])
+            [t.clone() for t in tensors(optimizer.state_dict()["state"])])
 
 
 def _unchanged(before, module, optimizer):
@@ -378,7 +352,7 @@ def test_one_bad_batch_is_skipped_and_counted(tmp_path, monkeypatch):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("faults/nonfinite_steps")] == [(1, 0.0), (2, 1.0), (3, 1.0)]
     state = load_checkpoint(run_dir / "last.pt")
-    assert all(torch.isfinite(t).all() for t in _tensors([state["model"], state["estimator"]]))
+    assert all(torch.isfinite(t).all() for t in tensors([state["model"], state["estimator"]]))
 
 
 def test_consecutive_faults_stop_the_run_with_a_clear_error_and_an_intact_last_pt(tmp_path, monkeypatch, capsys):

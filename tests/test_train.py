@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tensors
 from ib.cli import main
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
@@ -76,23 +77,12 @@ def test_resume_after_stopping_gives_the_same_weights_and_metrics(tmp_path):
     assert main(["train", "--resume", str(tmp_path / "split")]) == 0
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     for part in ("model", "estimator", "optimizer", "critic_optimizer"):
-        flat_a = [t for t in _tensors(a[part])]
-        flat_b = [t for t in _tensors(b[part])]
+        flat_a = [t for t in tensors(a[part])]
+        flat_b = [t for t in tensors(b[part])]
         assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), part
     assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "split")
     rows = list(csv.DictReader((tmp_path / "split" / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def test_same_seed_same_run(tmp_path):
@@ -100,8 +90,8 @@ def test_same_seed_same_run(tmp_path):
     fit(recipe, tmp_path / "a")
     fit(recipe, tmp_path / "b")
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
-    assert all(torch.equal(x, y) for x, y in zip(_tensors(_weights(tmp_path / "a")["model"]),
-                                                   _tensors(_weights(tmp_path / "b")["model"])))
+    assert all(torch.equal(x, y) for x, y in zip(tensors(_weights(tmp_path / "a")["model"]),
+                                                   tensors(_weights(tmp_path / "b")["model"])))
 
 
 def test_beta_lowers_the_held_out_information(tmp_path):
