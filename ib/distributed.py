@@ -133,8 +133,7 @@ def gather(t: Tensor) -> tuple[Tensor, int]:
     the processes that used it."""
     if not active():
         return t, 0
-    out = _gather_autograd(t) if t.requires_grad else torch.cat(_gather_plain(t))
-    return out, dist.get_rank() * t.shape[0]
+    return _GatherRows.apply(t), dist.get_rank() * t.shape[0]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -147,7 +146,9 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor) -> Tensor:
         ctx.rows = t.shape[0]
-        return torch.cat(_gather_plain(t))
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -157,36 +158,15 @@ class _GatherRows(torch.autograd.Function):
         return grad[start:start + ctx.rows]
 
 
-def _gather_autograd(t: Tensor) -> Tensor:
-    """all_gather along dim 0 whose backward sends each process the sum of its rows' gradients."""
-    return _GatherRows.apply(t)
-
-
-def _gather_plain(t: Tensor) -> list[Tensor]:
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
-
-
 def global_sum(t: Tensor) -> Tensor:
     """The sum of a tensor over the processes, with the same value on all; differentiable (see the module note)."""
-    if not active():
-        return t
-    if t.requires_grad:
-        return _gather_autograd(t.unsqueeze(0)).sum(0)
-    out = t.detach().clone()
-    dist.all_reduce(out)
-    return out
+    return gather(t.unsqueeze(0))[0].sum(0)
 
 
 def global_logsumexp(t: Tensor) -> Tensor:
     """logsumexp of all elements of `t` over every process (a scalar); differentiable."""
     lse = torch.logsumexp(t.flatten(), dim=0)
-    if not active():
-        return lse
-    if lse.requires_grad:
-        return torch.logsumexp(_gather_autograd(lse.unsqueeze(0)), dim=0)
-    return torch.logsumexp(torch.stack(_gather_plain(lse.detach())), dim=0)
+    return torch.logsumexp(gather(lse.unsqueeze(0))[0], dim=0)
 
 
 def all_true(flag: bool, device: torch.device) -> bool:

@@ -694,11 +694,14 @@ def _probe_set(run: Run) -> Split:
     return Split(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), source.y[part].to(run.device))
 
 
-def _test_metrics(run: Run, shared: bool) -> Dict[str, Any]:
+def _test_row(run: Run, shared: bool) -> Dict[str, float]:
+    """The test split's figures under their history tags (`shared`: each process evaluates its share)."""
     samples = run.recipe.model.eval_samples
     test = evaluate(run.model, run.test_loader, samples=samples, seed=run.recipe.seed, reduce=shared)
-    return {"test_accuracy": test["acc_sampled"] if samples else test["acc"], "test_accuracy_mean_code": test["acc"],
-            "test_accuracy_sampled": test["acc_sampled"] if samples else None, "test_nll": test["nll"]}
+    row = {"acc/test": test["acc"], "loss/test_nll": test["nll"]}
+    if samples:
+        row["acc/test_sampled"] = test["acc_sampled"]
+    return row
 
 
 def _metrics(run: Run, row: Dict[str, float], plane: Dict[str, float], status: str,
@@ -857,11 +860,7 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
             # per-epoch cost stays small and nothing is chosen on it.
             last = epoch == r.epochs or (stop_after is not None and epoch >= stop_after)
             if last or (r.monitor.test_every and epoch % r.monitor.test_every == 0):
-                test = evaluate(run.model, run.test_loader, samples=r.model.eval_samples, seed=r.seed,
-                                reduce=shared)
-                row.update({"acc/test": test["acc"], "loss/test_nll": test["nll"]})
-                if r.model.eval_samples:
-                    row["acc/test_sampled"] = test["acc_sampled"]
+                row.update(_test_row(run, shared))
             t2 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -927,7 +926,9 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
     if status == "completed" and (not isinstance(reported, float) or math.isnan(reported)):
         # The last epoch's test pass never ran (stopped after that epoch's checkpoint, then resumed with nothing
         # left to train): evaluate the test split now, so that a completed run always reports it.
-        metrics.update(_test_metrics(run, proc.distributed))
+        tested = _metrics(run, _test_row(run, proc.distributed), {}, status, train_seconds)
+        metrics.update({k: tested[k] for k in ("test_accuracy", "test_accuracy_mean_code", "test_accuracy_sampled",
+                                               "test_nll")})
     if main:
         write_json(run_dir / "metrics.json", metrics)
     return metrics
