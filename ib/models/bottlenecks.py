@@ -8,9 +8,9 @@ import math
 from typing import Callable, Literal, NamedTuple, Optional, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ib.models import functional
 from ib.models.encoders import _choice, _finite, _non_negative, _positive_int
 from ib.registry import Registry
 
@@ -71,7 +71,7 @@ class GaussianBottleneck(Bottleneck):
     def params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of p(z|x), each [B, K]."""
         mean, pre = self.head(self.encoder(x)).chunk(2, dim=-1)
-        return mean, F.softplus(pre - self.std_offset)
+        return mean, functional.softplus(pre - self.std_offset)
 
     def forward(self, x: Tensor, sample: bool = True) -> Code:
         mean, std = self.params(x)

@@ -137,16 +137,19 @@ class JointCritic(Critic):
         self.acts = nn.ModuleList(make_activation(activation) for _ in hidden)
         self.out = nn.Linear(hidden[-1], 1)
 
-    def _noise(self, h: Tensor, std: float) -> Tensor:
-        if self.training and std > 0:
-            return h + std * torch.randn_like(h)
-        return h
+    def _noise(self, h: Tensor, std: float, tiles: int = 1) -> Tensor:
+        """h + N(0, std^2) noise in training mode. With `tiles` > 1, h [tiles * N, ...] stacks blocks of N rows
+        that take one draw [N, ...] between them (row i of every block the same noise)."""
+        if not (self.training and std > 0):
+            return h
+        eps = torch.randn(h.shape[0] // tiles, *h.shape[1:], device=h.device, dtype=h.dtype)
+        return torch.add(h.view(tiles, -1, *h.shape[1:]), eps, alpha=std).view(h.shape)
 
-    def _from_first(self, h: Tensor) -> Tensor:
-        """Scores [...] from the pre-activation [..., H1] of the first hidden layer."""
-        h = self._noise(self.acts[0](h), self.hidden_noise)
+    def _from_first(self, h: Tensor, tiles: int = 1) -> Tensor:
+        """Scores [...] from the pre-activation [..., H1] of the first hidden layer; `tiles` as in `_noise`."""
+        h = self._noise(self.acts[0](h), self.hidden_noise, tiles)
         for layer, act in zip(self.layers[1:], self.acts[1:]):
-            h = self._noise(act(layer(h)), self.hidden_noise)
+            h = self._noise(act(layer(h)), self.hidden_noise, tiles)
         return self.out(h).squeeze(-1)
 
     def features(self, x: Tensor) -> Tensor:
@@ -158,16 +161,22 @@ class JointCritic(Critic):
 
     def pair_scores(self, x: Tensor, z: Tensor, z_shuffled: Tensor) -> tuple[Tensor, Tensor]:
         """As `Critic.pair_scores`, with the first layer split as W_x fx + W_z z + b: the x half (and its input
-        noise) is computed once per x and shared by all its pairings, the z half per pair. Each pair still sees
-        noisy x and noisy z; a joint pair and its shuffled twins share the draw on x. On MNIST-sized inputs this
-        saves about a quarter of the critic's arithmetic (784 of the first layer's 1,040 inputs).
+        noise) is computed once per x and shared by all its pairings, the z half per pair. On MNIST-sized inputs
+        this saves about a quarter of the critic's arithmetic (784 of the first layer's 1,040 inputs).
+
+        Every pair sees the paper network's noise (on x, on z, after each hidden layer), and a joint pair and its
+        shuffled twins (x_i with z_i and with its marginal codes) share those draws: common random numbers. Each
+        score keeps its distribution, so the expected bound and gradients are unchanged; the joint and marginal
+        scores of a row move together, and the draws cost 1/(P+1) of independent ones (the normal sampler is about
+        6 % of a MINE step on the CPU, where torch draws ~3.4 ns per float).
         """
         b = x.shape[0]
+        tiles = z_shuffled.shape[0] // b + 1
         first = self.layers[0]
         fx = self._noise(self.features(x), self.input_noise)  # [B, F]
-        zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise)  # [(P+1)*B, K]
+        zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise, tiles)  # [(P+1)*B, K]
         h = shared_first_layer(fx, zz, first.weight, first.bias)  # [(P+1)*B, H1]
-        t = self._from_first(h)  # [(P+1)*B]
+        t = self._from_first(h, tiles)  # [(P+1)*B]
         return t[:b], t[b:]
 
     def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:
