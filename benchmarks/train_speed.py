@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py --cifar-root /tmp/cifar10-jpeg --cifar-steps 20
 
 What it measures (after a warm-up, the median over --repeats rounds in which the training loops take turns, so a
-change in the machine's load falls on all of them alike):
+change in the machine's load falls on all of them alike; the goals' ratios are also computed round by round):
   1. matmul peak: FLOP/s of torch.mm at a large square, and at the model's own layer shapes (the matmuls of one
      training step - forward and both backward products of every Linear - timed alone);
   2. a plain PyTorch reference loop: tensors in memory, the same network, cross-entropy only, torch's default Adam
@@ -61,8 +61,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_together(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int) -> Dict[str, float]:
-    """Median wall seconds of each function over `repeats` rounds, the functions taking turns within each round
+def timed_together(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int) -> Dict[str, List[float]]:
+    """Wall seconds of each function in each of `repeats` rounds, the functions taking turns within each round
     (after one warm-up call each), so that a change in the machine's load falls on all of them alike."""
     for fn in fns.values():
         fn()
@@ -74,7 +74,19 @@ def timed_together(fns: Dict[str, Callable[[], None]], device: torch.device, rep
             fn()
             sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def per_round(times: Dict[str, List[float]], figure: Callable[[Dict[str, float]], float]) -> Tuple[float, float, float]:
+    """A figure computed from the times of each round alone (e.g. a ratio of two loops measured a few seconds
+    apart): its median over the rounds, and its smallest and largest value."""
+    values = [figure({k: v[i] for k, v in times.items()}) for i in range(len(next(iter(times.values()))))]
+    return statistics.median(values), min(values), max(values)
+
+
+def spread(figure: Tuple[float, float, float], fmt: str) -> str:
+    median, lo, hi = figure
+    return f"{median:{fmt}} (rounds {lo:{fmt}}-{hi:{fmt}})"
 
 
 def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -249,11 +261,16 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     shapes_mine = linear_step_shapes(run_mine.model, b) + linear_step_shapes(run_mine.estimator, 2 * b)
     mm0, mm0_flops = mm_loop(linear_step_shapes(run0.model, b), device, torch.float32)
     mm_mine, mm_mine_flops = mm_loop(shapes_mine, device, torch.float32)
-    seconds = timed_together({"ref": ref_loop, "ib0": loop0, "mine": loop_mine, "square": square, "mm0": mm0,
-                              "mm_mine": mm_mine}, device, args.repeats)
+    times = timed_together({"ref": ref_loop, "ib0": loop0, "mine": loop_mine, "square": square, "mm0": mm0,
+                            "mm_mine": mm_mine}, device, args.repeats)
+    seconds = {k: statistics.median(v) for k, v in times.items()}
     ref, ib0, ib_mine = (args.steps * b / seconds[k] for k in ("ref", "ib0", "mine"))
     square = square_flops / seconds["square"]
     peak0, peak_mine = mm0_flops / seconds["mm0"], mm_mine_flops / seconds["mm_mine"]
+    # The goals' figures round by round: a loop against the loop and the peak timed beside it.
+    ib0_vs_ref = per_round(times, lambda t: t["ref"] / t["ib0"])
+    util_mine = per_round(times, lambda t: args.steps * b * flops_mine / t["mine"] / (mm_mine_flops / t["mm_mine"]))
+    epoch_ratio = per_round(times, lambda t: t["mine"] / t["ib0"])
     fm_ours, fm_tv = data_rates(run0, b, args.data_batches, device, args.repeats)
 
     lines += [
@@ -273,6 +290,10 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         "",
         f"MINE-IB epoch time / beta=0 epoch time: {ib0 / ib_mine:.2f}x; FLOP ratio: {flops_mine / flops0:.2f}x.",
         "",
+        f"The same figures round by round (each from loops timed seconds apart; median and range over "
+        f"{args.repeats} rounds): ib beta=0 / reference {spread(ib0_vs_ref, '.2f')}; MINE-IB utilisation "
+        f"{spread(util_mine, '.2f')}; MINE-IB / beta=0 epoch {spread(epoch_ratio, '.2f')}.",
+        "",
         f"Data path alone ({args.data_batches} batches of 100): ib's in-memory loader {fm_ours:,.0f} batches/s, "
         f"torchvision's per-sample FashionMNIST + DataLoader {fm_tv:,.0f} batches/s: {fm_ours / fm_tv:.0f}x.",
         "",
@@ -285,7 +306,8 @@ def cifar_section(args, device: torch.device, lines: List[str]) -> None:
     plain = [*data, "beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
     loop0, flops0, _ = ib_loop(recipe, plain, args.cifar_steps, device)
     loop_mine, flops_mine, _ = ib_loop(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device)
-    seconds = timed_together({"ib0": loop0, "mine": loop_mine}, device, args.cifar_repeats)
+    seconds = {k: statistics.median(v) for k, v in
+               timed_together({"ib0": loop0, "mine": loop_mine}, device, args.cifar_repeats).items()}
     ib0, ib_mine = (args.cifar_steps * 128 / seconds[k] for k in ("ib0", "mine"))
     lines += [
         f"## ResNet-18 (CIFAR stem) on the CIFAR-10 JPEG copy, batch 128, {args.cifar_steps} steps",
@@ -304,7 +326,7 @@ def cifar_section(args, device: torch.device, lines: List[str]) -> None:
 def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps per timed repeat (PI-MLP)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=int, default=9,
                         help="timed rounds; in each the loops take turns (the median per loop is reported)")
     parser.add_argument("--data-batches", type=int, default=200)
     parser.add_argument("--cifar-root", help="the extracted CIFAR-10 JPEG copy (train/, test/); skipped if absent")
