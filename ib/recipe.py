@@ -274,6 +274,9 @@ class Recipe:
     beta: float = _field(1e-3, "weight of I(X;Z) in loss = CE + beta * I(X;Z) (the schedule's target)", ge=0.0)
     beta_schedule: Component = _component("constant", "beta schedule", "how beta reaches its value, in steps")
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto: CUDA where present, else CPU")
+    precision: Literal["fp32", "bf16"] = _field(
+        "fp32", "bf16: training forward passes under torch.autocast(bfloat16) (weights, optimiser states, the code, "
+        "the decoder and the MI bound stay float32); evaluation runs in float32")
     output_dir: str = _field("checkpoints", "folder that holds run folders")
     log_every: int = _field(20, "steps between progress-bar refreshes (each costs a device sync)", ge=1)
     max_nonfinite_steps: int = _field(20, "stop after this many consecutive non-finite steps", ge=1)

@@ -209,10 +209,21 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([v.to(sums[0].device) for v in sums]).isfinite().all())
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context of the training forward passes: for "bf16", torch.autocast to bfloat16 (matmuls and
+    convolutions in bf16; weights, gradients, optimiser states, the code and its noise, the decoder and the MI
+    bound's arithmetic stay float32, and no loss scaling is needed: bf16 has float32's exponent range); nothing for
+    "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int,
-                loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Tensor:
+                loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, precision: str = "fp32") -> Tensor:
     """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached).
-    `loss_fn` replaces `estimator.loss` (the trainer passes its DistributedDataParallel wrapper under torchrun).
+    `loss_fn` replaces `estimator.loss` (the trainer passes its DistributedDataParallel wrapper under torchrun);
+    `precision` as in `autocast`.
 
     An update whose loss or gradient is not finite is not applied, and the estimator's buffers (MINE's moving
     average, a critic's batch-norm statistics) are put back as they were before it; the bound returned is then NaN,
@@ -223,7 +234,8 @@ def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Ten
     for _ in range(steps):
         saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
         optimizer.zero_grad(set_to_none=True)
-        loss = (loss_fn or estimator.loss)(x, z)
+        with autocast(x.device, precision):
+            loss = (loss_fn or estimator.loss)(x, z)
         loss.backward()
         finite = _all_finite([loss, *(p.grad for p in params if p.grad is not None)])
         if not distributed.all_true(finite, loss.device):  # every process skips, or none
@@ -251,6 +263,7 @@ def train_step(
     grad_clip: Optional[float] = None,
     fused: bool = False,
     replicas: Optional[Replicas] = None,
+    precision: str = "fp32",
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
@@ -262,20 +275,21 @@ def train_step(
     The step is skipped (no optimiser steps, gradients dropped, the estimator's buffers such as MINE's moving
     average put back) when a loss or gradient is not finite. Finiteness is checked with one device sync (and,
     under torchrun, agreed by all processes). `replicas`: the DistributedDataParallel wrappers to run the
-    forward passes through, under torchrun.
+    forward passes through, under torchrun. `precision`: "fp32" or "bf16" (the forward passes under `autocast`).
     """
     if (fused and estimator is not None and critic_optimizer is not None and critic_steps == 1
             and getattr(estimator, "loss_is_minus_penalty", True)):  # jsd/smile: the critic's loss is not -penalty
-        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, replicas)
-    # z [B, K], sampled once for both players
-    code, logits = replicas.forward(x) if replicas is not None else (model.encode(x), None)
+        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, replicas, precision)
+    with autocast(x.device, precision):  # z [B, K], sampled once for both players
+        code, logits = replicas.forward(x) if replicas is not None else (model.encode(x), None)
     mi_bound = torch.full((), math.nan)
     checks: List[Tensor] = []
     if estimator is not None and critic_optimizer is not None:
         mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps,
-                               replicas.critic_loss if replicas is not None else None)
+                               replicas.critic_loss if replicas is not None else None, precision)
         checks.append(mi_bound)  # NaN when the critic's update was not finite
-    out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits)
+    with autocast(x.device, precision):
+        out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits)
     if estimator is not None and critic_optimizer is None:  # critic-free (vib_kl): report its own bound
         mi_bound = out["mi"].detach() if beta > 0 else _penalty_value(estimator, x, code)
     optimizer.zero_grad(set_to_none=True)
@@ -302,13 +316,14 @@ def _penalty_value(estimator: MIEstimator, x: Tensor, code: Code) -> Tensor:
 
 def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
                 critic_optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, beta: float,
-                grad_clip: Optional[float], replicas: Optional[Replicas]) -> Dict[str, Tensor]:
+                grad_clip: Optional[float], replicas: Optional[Replicas], precision: str) -> Dict[str, Tensor]:
     saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
-    if replicas is not None:
-        out = fused_minimax_objective(model, estimator, x, y, beta, forward=replicas.forward,
-                                      critic_loss_fn=replicas.critic_loss)
-    else:
-        out = fused_minimax_objective(model, estimator, x, y, beta)
+    with autocast(x.device, precision):
+        if replicas is not None:
+            out = fused_minimax_objective(model, estimator, x, y, beta, forward=replicas.forward,
+                                          critic_loss_fn=replicas.critic_loss)
+        else:
+            out = fused_minimax_objective(model, estimator, x, y, beta)
     optimizer.zero_grad(set_to_none=True)
     critic_optimizer.zero_grad(set_to_none=True)
     out["objective"].backward()
@@ -380,6 +395,7 @@ def train_one_epoch(
     desc: str = "",
     replicas: Optional[Replicas] = None,
     show_progress: bool = True,
+    precision: str = "fp32",
 ) -> int:
     """Train over the rest of the loader's epoch (all of it, unless resumed mid-epoch). Returns the global step.
 
@@ -395,7 +411,8 @@ def train_one_epoch(
     for x, y in bar:
         beta = beta_schedule.value(step)
         out = train_step(model, estimator, optimizer, critic_optimizer, x, y, beta,
-                         critic_steps=critic_steps, grad_clip=grad_clip, fused=fused, replicas=replicas)
+                         critic_steps=critic_steps, grad_clip=grad_clip, fused=fused, replicas=replicas,
+                         precision=precision)
         step += 1
         if bool(out["finite"]):
             run_of_faults = 0
@@ -586,6 +603,9 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
     its rows of each global batch and its share of the validation and test sets, and trains through DDP wrappers.
     """
     device = device or resolve_device(recipe.device)
+    if recipe.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"precision: 'bf16' needs a GPU with bfloat16 support (Ampere or newer); "
+                          f"{torch.cuda.get_device_name(device)} has none: use precision=fp32")
     torch.manual_seed(recipe.seed)
     d = recipe.data
     if d.batch_size % proc.world_size:
@@ -837,7 +857,7 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
                 run.model, run.estimator, run.train_loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
                 run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip, fused=r.mi.fused,
                 max_nonfinite=r.max_nonfinite_steps, log_every=r.log_every, stop=stop,
-                desc=f"epoch {epoch}/{r.epochs}", replicas=run.replicas, show_progress=main,
+                desc=f"epoch {epoch}/{r.epochs}", replicas=run.replicas, show_progress=main, precision=r.precision,
             )
             run.stats.reduce()  # under torchrun: every process's sums, the same everywhere
             if stop and run.train_loader.batches_left() < len(run.train_loader):

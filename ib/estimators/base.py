@@ -138,7 +138,8 @@ class CriticEstimator(MIEstimator):
             shifts = (torch.randperm(n - 1)[: self.marginals] + 1).tolist()  # distinct, in [1, N*B-1]
         rows = torch.arange(offset, offset + z.shape[0], device=z.device)
         z_marginal = torch.cat([pool[(rows - s) % n] for s in shifts])  # == torch.roll(pool, s)[rows]
-        return self.critic.pair_scores(x, z, z_marginal)
+        t_joint, t_marginal = self.critic.pair_scores(x, z, z_marginal)
+        return t_joint.float(), t_marginal.float()  # the bound's means and exps in float32 under bf16 autocast
 
     def report(self, t_joint: Tensor, t_marginal: Tensor) -> Tensor:
         """The reported value from scores on joint and marginal pairs: the DV bound."""

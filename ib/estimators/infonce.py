@@ -52,7 +52,7 @@ class InfoNCE(CriticEstimator):
     def _bound(self, x: Tensor, z: Tensor) -> Tensor:
         # With `sync`, every process's codes are negatives: scores [B, N*B], ceiling log(N*B).
         pool, offset = distributed.gather(z) if self.sync else (z, 0)
-        return self.mean(infonce_terms(self.critic.scores(x, pool), offset))  # scores [B, N*B]
+        return self.mean(infonce_terms(self.critic.scores(x, pool).float(), offset))  # scores [B, N*B]
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         return -self._bound(x, z)

@@ -49,6 +49,11 @@ class Bottleneck(nn.Module):
         """Encodes x [B, *in_shape]; `sample=False` gives the noise-free (mean) code."""
         raise NotImplementedError
 
+    def _head(self, inputs: Tensor) -> Tensor:
+        """head(encoder(inputs)) as float32. Under bf16 autocast the layers run in bf16; the code, its std and the
+        noise added to it stay float32 (the VIB std starts near 0.007, below bf16's resolution at |mean| ~ 1)."""
+        return self.head(self.encoder(inputs)).float()
+
     def sample_z(self, x: Tensor, samples: int) -> Tensor:
         """`samples` independent codes per input, [S, B, K], from one batched pass over x repeated S times."""
         b = x.shape[0]
@@ -70,7 +75,7 @@ class GaussianBottleneck(Bottleneck):
 
     def params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of p(z|x), each [B, K]."""
-        mean, pre = self.head(self.encoder(x)).chunk(2, dim=-1)
+        mean, pre = self._head(x).chunk(2, dim=-1)
         return mean, functional.softplus(pre - self.std_offset)
 
     def forward(self, x: Tensor, sample: bool = True) -> Code:
@@ -97,7 +102,7 @@ class AdditiveBottleneck(Bottleneck):
     def forward(self, x: Tensor, sample: bool = True) -> Code:
         if sample:
             x = x + self.sigma * torch.randn_like(x)
-        return Code(self.head(self.encoder(x)))
+        return Code(self._head(x))
 
 
 class PropagatedBottleneck(Bottleneck):
@@ -133,7 +138,7 @@ class PropagatedBottleneck(Bottleneck):
             eps = self.sigma * torch.randn(noise_shape, device=x.device, dtype=x.dtype)
         else:
             eps = x.new_zeros(noise_shape)
-        return Code(self.head(self.encoder(torch.cat([x, eps], dim=1))))
+        return Code(self._head(torch.cat([x, eps], dim=1)))
 
 
 class DeterministicBottleneck(Bottleneck):
@@ -144,7 +149,7 @@ class DeterministicBottleneck(Bottleneck):
         self.head = nn.Linear(encoder.out_features, z_dim)
 
     def forward(self, x: Tensor, sample: bool = True) -> Code:
-        return Code(self.head(self.encoder(x)))
+        return Code(self._head(x))
 
     def sample_z(self, x: Tensor, samples: int) -> Tensor:
         return self(x).z.expand(samples, -1, -1)  # [S, B, K], all samples equal

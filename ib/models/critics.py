@@ -84,7 +84,9 @@ class _SharedFirstLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        fx, zz, weight = ctx.saved_tensors
+        # Under bf16 autocast the forward ran in bf16 and so does this; autograd casts the gradients back to the
+        # inputs' dtypes.
+        fx, zz, weight = (t.to(grad.dtype) for t in ctx.saved_tensors)
         b, f = fx.shape
         grad_hx = grad.view(-1, b, grad.shape[1]).sum(0)  # [B, H]: the tiles of h_x add up
         need = ctx.needs_input_grad
