@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from ib.data import BatchLoader, Split  # noqa: E402
 from ib.recipe import load_recipe  # noqa: E402
-from ib.train import StepStats, build_run, train_one_epoch, train_step  # noqa: E402
+from ib.train import StepStats, autocast, build_run, train_one_epoch, train_step  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -54,6 +54,10 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def gpu_name(device: torch.device) -> str:
+    return f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
 
 
 def sync(device: torch.device) -> None:
@@ -154,8 +158,9 @@ def counted_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
-                   device: torch.device) -> Callable[[], None]:
-    """`steps` of the textbook loop: index a batch of in-memory tensors, forward, CE, backward, Adam."""
+                   device: torch.device, precision: str) -> Callable[[], None]:
+    """`steps` of the textbook loop: index a batch of in-memory tensors, forward (under bf16 autocast for
+    --precision bf16), CE, backward, Adam."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
 
@@ -164,7 +169,8 @@ def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
         for i in range(steps):
             idx = order[i * batch:(i + 1) * batch]
             xb = x[idx].float().div_(255.0)
-            loss = F.cross_entropy(model(xb), y[idx])
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -176,10 +182,10 @@ def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 # 3-4. ib's own code path
 
 
-def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.device
+def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.device, precision: str = "fp32"
             ) -> Tuple[Callable[[], None], float, object]:
     """An epoch of `train_one_epoch` over `steps` batches, the counted FLOPs per sample of one step, the run."""
-    recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}"])
+    recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}", f"precision={precision}"])
     run = build_run(recipe)
     b = recipe.data.batch_size
     n = steps * b
@@ -191,13 +197,15 @@ def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
         state["step"] = train_one_epoch(
             run.model, run.estimator, loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
             StepStats.zeros(device), step=state["step"], critic_steps=recipe.mi.critic_steps,
-            grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9, fused=recipe.mi.fused)
+            grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9, fused=recipe.mi.fused,
+            precision=precision)
 
     x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
     counter = FlopCounterMode(display=False)
     with counter:
         train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y,
-                   run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused)
+                   run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused,
+                   precision=precision)
     return run_epoch, counter.get_total_flops() / b, run
 
 
@@ -205,19 +213,21 @@ def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
 # 5. Data path
 
 
-def torchvision_fashion(root: Path):
-    """torchvision's FashionMNIST over a copy of Debian's files, unpacked into torchvision's raw layout."""
+def torchvision_fashion(root: Path, files: Path):
+    """torchvision's FashionMNIST over a copy of the IDX .gz files in `files`, unpacked into torchvision's raw
+    layout."""
     from torchvision import datasets, transforms
 
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for gz in Path(FASHION).glob("*.gz"):
+    for gz in files.glob("*.gz"):
         with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return datasets.FashionMNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
 
 
-def data_rates(run, batch: int, batches: int, device: torch.device, repeats: int) -> Tuple[float, float]:
+def data_rates(run, files: Path, batch: int, batches: int, device: torch.device, repeats: int
+               ) -> Tuple[float, float]:
     from torch.utils.data import DataLoader
 
     loader = BatchLoader(run.data.train, batch, shuffle=True, drop_last=True, device=device, seed=0)
@@ -229,7 +239,7 @@ def data_rates(run, batch: int, batches: int, device: torch.device, repeats: int
         loader.load_state_dict({"generator": loader.generator.get_state()})  # drop the half-read epoch
 
     with tempfile.TemporaryDirectory() as tmp:
-        ds = torchvision_fashion(Path(tmp))
+        ds = torchvision_fashion(Path(tmp), files)
         tv_loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0)
 
         def theirs() -> None:
@@ -244,23 +254,35 @@ def data_rates(run, batch: int, batches: int, device: torch.device, repeats: int
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def fixed_costs(recipe: Path, plain: List[str], data: List[str], device: torch.device, args) -> Tuple[float, float]:
+    """Seconds per step of ib's beta=0 and MINE-IB loops with tiny layers: what a step costs besides arithmetic."""
+    tiny = ["model.encoder.hidden=[8,8]", "model.bottleneck.z_dim=4", "mi.critic.hidden=[8,8]", "data.batch_size=4"]
+    steps = max(args.steps, 20)
+    loops = {k: ib_loop(recipe, [*overrides, *tiny], steps, device, args.precision)[0]
+             for k, overrides in (("ib0", plain), ("mine", [*data, "beta=1e-3"]))}
+    times = timed_together(loops, device, args.repeats)
+    return statistics.median(times["ib0"]) / steps, statistics.median(times["mine"]) / steps
+
+
 def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     recipe = ROOT / "recipes" / "fashion_mnist.yaml"
-    plain = ["beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
+    data = [f"data.root={args.fashion_root}"]
+    plain = [*data, "beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
     b = 100
-    loop0, flops0, run0 = ib_loop(recipe, plain, args.steps, device)
-    loop_mine, flops_mine, run_mine = ib_loop(recipe, ["beta=1e-3"], args.steps, device)
+    loop0, flops0, run0 = ib_loop(recipe, plain, args.steps, device, args.precision)
+    loop_mine, flops_mine, run_mine = ib_loop(recipe, [*data, "beta=1e-3"], args.steps, device, args.precision)
     x = run0.data.train.x[: args.steps * b].to(device)
     y = run0.data.train.y[: args.steps * b].to(device)
     torch.manual_seed(0)
     ref_model = reference_mlp(784, [1024, 1024], 256, 10).to(device)
-    ref_loop = reference_loop(ref_model, x, y, b, args.steps, device)
+    ref_loop = reference_loop(ref_model, x, y, b, args.steps, device, args.precision)
     ref_flops = counted_flops(ref_model, x[:b].float().div(255.0), y[:b])
     # The peaks take turns with the training loops, so that utilisation compares rates measured under one load.
-    square, square_flops = mm_loop([(2048, 2048, 2048)], device, torch.float32, inner=3)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32  # the peaks in the matmuls' own dtype
+    square, square_flops = mm_loop([(2048, 2048, 2048)], device, dtype, inner=3)
     shapes_mine = linear_step_shapes(run_mine.model, b) + linear_step_shapes(run_mine.estimator, 2 * b)
-    mm0, mm0_flops = mm_loop(linear_step_shapes(run0.model, b), device, torch.float32)
-    mm_mine, mm_mine_flops = mm_loop(shapes_mine, device, torch.float32)
+    mm0, mm0_flops = mm_loop(linear_step_shapes(run0.model, b), device, dtype)
+    mm_mine, mm_mine_flops = mm_loop(shapes_mine, device, dtype)
     times = timed_together({"ref": ref_loop, "ib0": loop0, "mine": loop_mine, "square": square, "mm0": mm0,
                             "mm_mine": mm_mine}, device, args.repeats)
     seconds = {k: statistics.median(v) for k, v in times.items()}
@@ -271,12 +293,13 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     ib0_vs_ref = per_round(times, lambda t: t["ref"] / t["ib0"])
     util_mine = per_round(times, lambda t: args.steps * b * flops_mine / t["mine"] / (mm_mine_flops / t["mm_mine"]))
     epoch_ratio = per_round(times, lambda t: t["mine"] / t["ib0"])
-    fm_ours, fm_tv = data_rates(run0, b, args.data_batches, device, args.repeats)
+    fixed0, fixed_mine = fixed_costs(recipe, plain, data, device, args)
+    fm_ours, fm_tv = data_rates(run0, Path(args.fashion_root), b, args.data_batches, device, args.repeats)
 
     lines += [
-        "## PI-MLP on Fashion-MNIST (784-1024-1024, K=256, batch 100)",
+        f"## PI-MLP on Fashion-MNIST (784-1024-1024, K=256, batch 100), {args.precision}",
         "",
-        f"Matmul peak: {square / 1e9:.1f} GFLOP/s at 2048x2048x2048; at the layer shapes of one training step: "
+        f"Matmul peak ({dtype}): {square / 1e9:.1f} GFLOP/s at 2048x2048x2048; at the layer shapes of one training step: "
         f"{peak0 / 1e9:.1f} GFLOP/s (encoder/decoder), {peak_mine / 1e9:.1f} GFLOP/s (with the critic's layers).",
         "",
         "| loop | samples/s | vs reference | FLOPs/sample (counted) | achieved GFLOP/s | utilisation of layer-shape peak |",
@@ -294,6 +317,9 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         f"{args.repeats} rounds): ib beta=0 / reference {spread(ib0_vs_ref, '.2f')}; MINE-IB utilisation "
         f"{spread(util_mine, '.2f')}; MINE-IB / beta=0 epoch {spread(epoch_ratio, '.2f')}.",
         "",
+        f"Fixed cost per step (the same code path with 8-wide layers, K=4 and batch 4, so that the arithmetic is "
+        f"negligible: Python, dispatch, small ops): beta=0 {fixed0 * 1e3:.2f} ms, MINE-IB {fixed_mine * 1e3:.2f} ms.",
+        "",
         f"Data path alone ({args.data_batches} batches of 100): ib's in-memory loader {fm_ours:,.0f} batches/s, "
         f"torchvision's per-sample FashionMNIST + DataLoader {fm_tv:,.0f} batches/s: {fm_ours / fm_tv:.0f}x.",
         "",
@@ -304,13 +330,14 @@ def cifar_section(args, device: torch.device, lines: List[str]) -> None:
     recipe = ROOT / "recipes" / "cifar10.yaml"
     data = [f"data.name=image_folder", f"data.root={args.cifar_root}"]
     plain = [*data, "beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
-    loop0, flops0, _ = ib_loop(recipe, plain, args.cifar_steps, device)
-    loop_mine, flops_mine, _ = ib_loop(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device)
+    loop0, flops0, _ = ib_loop(recipe, plain, args.cifar_steps, device, args.precision)
+    loop_mine, flops_mine, _ = ib_loop(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device,
+                                       args.precision)
     seconds = {k: statistics.median(v) for k, v in
                timed_together({"ib0": loop0, "mine": loop_mine}, device, args.cifar_repeats).items()}
     ib0, ib_mine = (args.cifar_steps * 128 / seconds[k] for k in ("ib0", "mine"))
     lines += [
-        f"## ResNet-18 (CIFAR stem) on the CIFAR-10 JPEG copy, batch 128, {args.cifar_steps} steps",
+        f"## ResNet-18 (CIFAR stem) on the CIFAR-10 JPEG copy, batch 128, {args.cifar_steps} steps, {args.precision}",
         "",
         "| loop | samples/s | FLOPs/sample (counted) | achieved GFLOP/s |",
         "|---|---|---|---|",
@@ -329,10 +356,13 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9,
                         help="timed rounds; in each the loops take turns (the median per loop is reported)")
     parser.add_argument("--data-batches", type=int, default=200)
+    parser.add_argument("--fashion-root", default=FASHION, help="the folder of Fashion-MNIST's four IDX .gz files")
     parser.add_argument("--cifar-root", help="the extracted CIFAR-10 JPEG copy (train/, test/); skipped if absent")
     parser.add_argument("--cifar-steps", type=int, default=20)
     parser.add_argument("--cifar-repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: ib with precision=bf16, the reference loop under autocast, the peaks in bf16")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_speed.md"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -342,7 +372,7 @@ def main(argv: List[str] | None = None) -> None:
         f"Command: `{' '.join(['python', f'benchmarks/{Path(__file__).name}', *(sys.argv[1:] if argv is None else argv)])}`",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads), device {device}; {dt.datetime.now():%Y-%m-%d %H:%M}.",
+        f"threads), device {device}{gpu_name(device)}; {dt.datetime.now():%Y-%m-%d %H:%M}.",
         "",
     ]
     mlp_section(args, device, lines)

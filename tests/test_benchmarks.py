@@ -1,6 +1,7 @@
 """The MI benchmark's smoke run: it trains every estimator a few steps and writes its markdown report."""
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -49,13 +50,20 @@ def test_mi_gaussian_samples_have_the_stated_mi():
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
                     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_train_speed_smoke_writes_the_report(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_speed_smoke_writes_the_report(tmp_path, precision):
     bench = _load("train_speed")
     out = tmp_path / "train_speed.md"
-    bench.main(["--steps", "2", "--repeats", "1", "--data-batches", "2", "--device", "cpu", "--out", str(out)])
+    bench.main(["--steps", "2", "--repeats", "2", "--data-batches", "2", "--device", "cpu", "--precision", precision,
+                "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# Training speed: ib against a plain PyTorch loop")
-    assert "Command: `python benchmarks/train_speed.py --steps 2 --repeats 1" in text
+    assert "Command: `python benchmarks/train_speed.py --steps 2 --repeats 2" in text
+    assert f"batch 100), {precision}" in text and ("torch.bfloat16" in text) == (precision == "bf16")
+    ranges = re.findall(r"(\d+\.\d+) \(rounds (\d+\.\d+)-(\d+\.\d+)\)", text)
+    assert len(ranges) == 3 and all(float(lo) <= float(mid) <= float(hi) for mid, lo, hi in ranges)
+    fixed = re.search(r"beta=0 (\d+\.\d+) ms, MINE-IB (\d+\.\d+) ms", text)
+    assert fixed and 0 < float(fixed[1]) < float(fixed[2])  # MINE's step does strictly more
     for row in ("| plain PyTorch reference (CE, torch's default Adam) |", "| ib, beta=0 (deterministic, no critic) |",
                 "| ib, MINE-IB (paper critic) |"):
         cells = [c.strip() for c in next(l for l in text.splitlines() if l.startswith(row)).strip("|").split("|")]
