@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ib.data import BatchLoader, Split  # noqa: E402
-from ib.recipe import load_recipe  # noqa: E402
+from ib.recipe import Precision, load_recipe  # noqa: E402
 from ib.train import StepStats, autocast, build_run, train_one_epoch, train_step  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -158,7 +158,7 @@ def counted_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
-                   device: torch.device, precision: str) -> Callable[[], None]:
+                   device: torch.device, precision: Precision) -> Callable[[], None]:
     """`steps` of the textbook loop: index a batch of in-memory tensors, forward (under bf16 autocast for
     --precision bf16), CE, backward, Adam."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -182,7 +182,7 @@ def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 # 3-4. ib's own code path
 
 
-def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.device, precision: str = "fp32"
+def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.device, precision: Precision = "fp32"
             ) -> Tuple[Callable[[], None], float, object]:
     """An epoch of `train_one_epoch` over `steps` batches, the counted FLOPs per sample of one step, the run."""
     recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}", f"precision={precision}"])
@@ -198,14 +198,14 @@ def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
             run.model, run.estimator, loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
             StepStats.zeros(device), step=state["step"], critic_steps=recipe.mi.critic_steps,
             grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9, fused=recipe.mi.fused,
-            precision=precision)
+            precision=recipe.precision)
 
     x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
     counter = FlopCounterMode(display=False)
     with counter:
         train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y,
                    run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused,
-                   precision=precision)
+                   precision=recipe.precision)
     return run_epoch, counter.get_total_flops() / b, run
 
 
@@ -299,8 +299,8 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     lines += [
         f"## PI-MLP on Fashion-MNIST (784-1024-1024, K=256, batch 100), {args.precision}",
         "",
-        f"Matmul peak ({dtype}): {square / 1e9:.1f} GFLOP/s at 2048x2048x2048; at the layer shapes of one training step: "
-        f"{peak0 / 1e9:.1f} GFLOP/s (encoder/decoder), {peak_mine / 1e9:.1f} GFLOP/s (with the critic's layers).",
+        f"Matmul peak ({dtype}): {square / 1e9:.1f} GFLOP/s at 2048x2048x2048; at the layer shapes of one training "
+        f"step: {peak0 / 1e9:.1f} GFLOP/s (encoder/decoder), {peak_mine / 1e9:.1f} GFLOP/s (with the critic's layers).",
         "",
         "| loop | samples/s | vs reference | FLOPs/sample (counted) | achieved GFLOP/s | utilisation of layer-shape peak |",
         "|---|---|---|---|---|---|",
@@ -328,7 +328,7 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
 
 def cifar_section(args, device: torch.device, lines: List[str]) -> None:
     recipe = ROOT / "recipes" / "cifar10.yaml"
-    data = [f"data.name=image_folder", f"data.root={args.cifar_root}"]
+    data = ["data.name=image_folder", f"data.root={args.cifar_root}"]
     plain = [*data, "beta=0", "mi.enabled=false", "model.bottleneck=deterministic", "model.bottleneck.z_dim=256"]
     loop0, flops0, _ = ib_loop(recipe, plain, args.cifar_steps, device, args.precision)
     loop_mine, flops_mine, _ = ib_loop(recipe, [*data, "beta_schedule=constant"], args.cifar_steps, device,

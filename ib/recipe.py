@@ -127,6 +127,9 @@ def _component(default: str | Dict[str, Any], registry: str, help: str) -> Any:
     )
 
 
+Precision = Literal["fp32", "bf16"]  # of the training forward passes (ib.train.autocast)
+
+
 @dataclass
 class DataConfig:
     name: str = _field("digits", "data set: digits (bundled), mnist, fashion_mnist, cifar10, image_folder")
@@ -274,7 +277,7 @@ class Recipe:
     beta: float = _field(1e-3, "weight of I(X;Z) in loss = CE + beta * I(X;Z) (the schedule's target)", ge=0.0)
     beta_schedule: Component = _component("constant", "beta schedule", "how beta reaches its value, in steps")
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "auto: CUDA where present, else CPU")
-    precision: Literal["fp32", "bf16"] = _field(
+    precision: Precision = _field(
         "fp32", "bf16: training forward passes under torch.autocast(bfloat16) (weights, optimiser states, the code, "
         "the decoder and the MI bound stay float32); evaluation runs in float32")
     output_dir: str = _field("checkpoints", "folder that holds run folders")

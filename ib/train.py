@@ -39,7 +39,7 @@ from ib.models.critics import CRITICS
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
 from ib.objectives import TrainForward, fused_minimax_objective, ib_objective
 from ib.plane import information_plane, to_units
-from ib.recipe import OptimConfig, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
+from ib.recipe import OptimConfig, Precision, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from ib.schedules import BetaSchedule, create_beta_schedule, create_lr_schedule, set_lr
 
 log = logging.getLogger(__name__)
@@ -209,18 +209,21 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([v.to(sums[0].device) for v in sums]).isfinite().all())
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     """The context of the training forward passes: for "bf16", torch.autocast to bfloat16 (matmuls and
     convolutions in bf16; weights, gradients, optimiser states, the code and its noise, the decoder and the MI
     bound's arithmetic stay float32, and no loss scaling is needed: bf16 has float32's exponent range); nothing for
     "fp32"."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     return contextlib.nullcontext()
 
 
 def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int,
-                loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, precision: str = "fp32") -> Tensor:
+                loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                precision: Precision = "fp32") -> Tensor:
     """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached).
     `loss_fn` replaces `estimator.loss` (the trainer passes its DistributedDataParallel wrapper under torchrun);
     `precision` as in `autocast`.
@@ -263,7 +266,7 @@ def train_step(
     grad_clip: Optional[float] = None,
     fused: bool = False,
     replicas: Optional[Replicas] = None,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
@@ -316,7 +319,7 @@ def _penalty_value(estimator: MIEstimator, x: Tensor, code: Code) -> Tensor:
 
 def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
                 critic_optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, beta: float,
-                grad_clip: Optional[float], replicas: Optional[Replicas], precision: str) -> Dict[str, Tensor]:
+                grad_clip: Optional[float], replicas: Optional[Replicas], precision: Precision) -> Dict[str, Tensor]:
     saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
     with autocast(x.device, precision):
         if replicas is not None:
@@ -395,12 +398,13 @@ def train_one_epoch(
     desc: str = "",
     replicas: Optional[Replicas] = None,
     show_progress: bool = True,
-    precision: str = "fp32",
+    precision: Precision = "fp32",
 ) -> int:
     """Train over the rest of the loader's epoch (all of it, unless resumed mid-epoch). Returns the global step.
 
     Non-finite steps are skipped and counted; `max_nonfinite` in a row raise TrainingError. Under torchrun
-    (`replicas`), a stop signal seen by any process stops every process after the same step.
+    (`replicas`), a stop signal seen by any process stops every process after the same step. `precision`: as in
+    `train_step`.
     """
     model.train()
     if estimator is not None:
@@ -603,8 +607,9 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
     its rows of each global batch and its share of the validation and test sets, and trains through DDP wrappers.
     """
     device = device or resolve_device(recipe.device)
-    if recipe.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"precision: 'bf16' needs a GPU with bfloat16 support (Ampere or newer); "
+    if recipe.precision == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        # (torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated, on pre-Ampere GPUs)
+        raise ConfigError(f"precision: 'bf16' needs a GPU with native bfloat16 (Ampere or newer); "
                           f"{torch.cuda.get_device_name(device)} has none: use precision=fp32")
     torch.manual_seed(recipe.seed)
     d = recipe.data

@@ -1,4 +1,5 @@
 """The CPU versions of ELU and softplus against torch's kernels, in value and gradient, over the float range."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -44,12 +45,25 @@ def test_softplus_edge_values_and_gradient():
     (ours,) = torch.autograd.grad(functional.softplus(x), x, g)
     (ref,) = torch.autograd.grad(F.softplus(x), x, g)
     torch.testing.assert_close(ours, ref, atol=1e-7, rtol=1e-6)
-    assert torch.autograd.gradcheck(_SoftplusByExp.apply, (torch.randn(9, dtype=torch.float64, requires_grad=True) * 5,))
+    x64 = (torch.randn(9, dtype=torch.float64) * 5).requires_grad_()
+    assert torch.autograd.gradcheck(_SoftplusByExp.apply, (x64,))
 
 
-def test_other_dtypes_and_devices_fall_back_to_torch():
-    x = torch.linspace(-5, 5, 11, dtype=torch.float64)
-    torch.testing.assert_close(functional.softplus(x), F.softplus(x), rtol=1e-15, atol=0)
-    torch.testing.assert_close(functional.elu(x), F.elu(x), rtol=1e-15, atol=1e-15)
+def test_float64_goes_through_exp_to_double_rounding():
+    x = torch.linspace(-30, 30, 6001, dtype=torch.float64)  # non-integer points, 0 and near-0 included
+    exact = torch.logaddexp(x, torch.zeros_like(x))  # (torch's softplus returns x above 20: e^-x, ~2e-9, off)
+    torch.testing.assert_close(functional.softplus(x), exact, rtol=1e-14, atol=0)
+    torch.testing.assert_close(functional.elu(x), F.elu(x), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_uses_torch_kernels(dtype):
+    # in bf16, e^x - 1 near 0 would lose its digits (elu(-0.001) would read 0): torch's kernels are used instead
+    x = torch.linspace(-0.05, 0.05, 101).to(dtype)
+    assert torch.equal(functional.elu(x), F.elu(x)) and torch.equal(functional.softplus(x), F.softplus(x))
+    assert float(functional.elu(torch.tensor(-0.001, dtype=dtype))) < 0
+
+
+def test_other_devices_use_torch_kernels():
     m = torch.linspace(-5, 5, 11, device="meta")
     assert functional.softplus(m).device.type == "meta" and functional.elu(m).shape == (11,)

@@ -145,6 +145,15 @@ def test_gaussian_sampling_matches_mean_and_std():
     torch.testing.assert_close(z_loop.std(0), code.std, rtol=0.12, atol=0)
 
 
+@pytest.mark.parametrize("name", BOTTLENECKS.names())
+def test_a_float64_classifier_stays_float64(name):
+    model = build_classifier("mlp", {"hidden": (8,)}, name, {"z_dim": 4}, in_shape=(1, 4, 4), num_classes=3,
+                             mean=(0.5,), std=(0.25,)).double()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
+    code = model.encode(x)
+    assert code.z.dtype == model(x).dtype == torch.float64
+
+
 def test_gaussian_softplus_parameterisation():
     b = _bottleneck("gaussian")
     bias = torch.linspace(-3, 8, 2 * K)
@@ -153,7 +162,8 @@ def test_gaussian_softplus_parameterisation():
         b.head.bias.copy_(bias)
     code = b(torch.rand(3, 1, 8, 8))
     torch.testing.assert_close(code.mean, bias[:K].expand(3, K), rtol=0, atol=0)
-    torch.testing.assert_close(code.std, F.softplus(bias[K:] - 5.0).expand(3, K), rtol=2.5e-7, atol=0)  # ib computes it through exp on the CPU
+    # (ib computes the softplus through exp on the CPU: equal to float rounding)
+    torch.testing.assert_close(code.std, F.softplus(bias[K:] - 5.0).expand(3, K), rtol=2.5e-7, atol=0)
 
 
 def test_additive_noise_scale():
@@ -236,34 +246,38 @@ def test_joint_critic_each_noise(noise):
 def test_joint_critic_pairings_of_a_row_share_its_noise_draws():
     critic = _critic("joint", (1, 8, 8), input_noise=0.3, hidden_noise=0.5).train()
     x, z = torch.rand(6, 1, 8, 8), torch.randn(6, K)
-    joint_t, marg_t = critic.pair_scores(x, z, z.repeat(2, 1))  # P = 2 shufflings that happen to be z itself
-    assert torch.equal(marg_t.view(2, 6), joint_t.expand(2, 6))  # the same inputs and the same draws
-    joint_t, marg_t = critic.pair_scores(x, z, z.roll(1, 0))
-    assert not torch.equal(joint_t, critic.pair_scores(x, z, z.roll(1, 0))[0])  # fresh draws on each call
+    for p in (1, 2):  # P shufflings that happen to be z itself: the same inputs in every block
+        joint_t, marg_t = critic.pair_scores(x, z, z.repeat(p, 1))
+        assert torch.equal(marg_t[:6], joint_t)  # the joint pairs reuse the first shuffled block's draws
+        assert p == 1 or not torch.equal(marg_t[6:], joint_t)  # later blocks draw their own
+    assert not torch.equal(joint_t, critic.pair_scores(x, z, z.repeat(2, 1))[0])  # fresh draws on each call
 
 
 def test_joint_critic_shared_noise_keeps_each_score_distribution():
     # One (x, z) pair and one marginal z' tiled over n rows: the rows' scores are n independent draws of the
-    # pair's noisy score, which pair_scores (shared draws between the pairings of a row) and the plain forward
-    # (its own draws for every pair) must give with the same mean and spread.
+    # pair's noisy score, which pair_scores (P = 2 shuffled blocks, the joint pairs reusing the first block's
+    # draws) and the plain forward (its own draws for every pair) must give with the same mean and spread.
     torch.manual_seed(0)
-    critic = _critic("joint", (1, 8, 8), input_noise=0.3, hidden_noise=0.5).train()
+    critic = _critic("joint", (1, 8, 8), input_noise=0.0, hidden_noise=0.5).train()
     n = 20000
     x, z, z2 = torch.rand(1, 1, 8, 8).expand(n, 1, 8, 8), torch.randn(1, K).expand(n, K), torch.randn(1, K).expand(n, K)
     with torch.no_grad():
-        joint_t, marg_t = critic.pair_scores(x, z, z2)
+        joint_t, marg_t = critic.pair_scores(x, z, z2.repeat(2, 1))
         plain_j, plain_m = critic(x, z), critic(x, z2)
-    for ours, plain in ((joint_t, plain_j), (marg_t, plain_m)):
+    for ours, plain in ((joint_t, plain_j), (marg_t[:n], plain_m), (marg_t[n:], plain_m)):
         se = float(plain.std()) / math.sqrt(n)
         assert abs(float(ours.mean() - plain.mean())) < 5 * math.sqrt(2) * se
         assert abs(float(ours.std() / plain.std()) - 1) < 0.05
-    assert float(torch.corrcoef(torch.stack([joint_t, marg_t]))[0, 1]) > 0.5  # the draws are shared
-    assert abs(float(torch.corrcoef(torch.stack([plain_j, plain_m]))[0, 1])) < 0.05
+    corr = torch.corrcoef(torch.stack([joint_t, marg_t[:n], marg_t[n:]]))
+    assert corr[0, 1] > 0.5  # the joint pairs share the first block's draws
+    assert abs(float(corr[1, 2])) < 0.05 and abs(float(corr[0, 2])) < 0.05  # the shuffled blocks do not
     # and the draws themselves have the configured scale, shared or not
-    for tiles in (1, 3):
-        noise = critic._noise(torch.zeros(tiles * n, 4), 0.5, tiles).view(tiles, n, 4)
-        assert torch.equal(noise, noise[:1].expand_as(noise))
-        assert abs(float(noise[0].std()) - 0.5) < 0.01 and abs(float(noise[0].mean())) < 0.01
+    for p in (1, 3):
+        noise = critic._noise(torch.zeros((p + 1) * n, 4), 0.5, joint_rows=n).view(p + 1, n, 4)
+        assert torch.equal(noise[0], noise[1])
+        for block in noise[1:]:
+            assert abs(float(block.std()) - 0.5) < 0.01 and abs(float(block.mean())) < 0.01
+        assert p == 1 or abs(float(torch.corrcoef(noise[1:, :, 0])[0, 1])) < 0.05
 
 
 def test_separable_scores_are_a_matmul():

@@ -1,4 +1,5 @@
 """Training end to end on the bundled digits: the run folder, exact resume, the minimax's direction."""
+import copy
 import csv
 import json
 import math
@@ -9,12 +10,13 @@ import torch
 
 from helpers import tensors
 from ib.cli import main
+from ib.errors import ConfigError
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
 from ib.models.critics import CRITICS
 from ib.objectives import ib_objective
 from ib.recipe import load_recipe
-from ib.train import critic_step, fit, train_step
+from ib.train import autocast, build_run, critic_step, fit, train_step
 
 DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
 SMALL = ["model.encoder.hidden=[64]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[64]", "beta_schedule.delay=0",
@@ -160,8 +162,6 @@ def test_minimax_directions():
 
 def test_fused_step_gives_the_two_pass_gradients():
     """One critic forward with gradient reversal == critic step on detached z + encoder step, at the same state."""
-    import copy
-
     from ib.objectives import fused_minimax_objective
 
     torch.manual_seed(0)
@@ -246,7 +246,6 @@ def test_a_run_stopped_after_its_last_checkpoint_reports_the_test_split_when_com
     """Interrupted at the end of epoch 2 of 4 (no test pass there), then resumed with epochs=2: nothing is left
     to train, and the completed run still reports its test accuracy. Fewer epochs than trained are refused."""
     import ib.train
-    from ib.errors import ConfigError
     from ib.train import resume_recipe
 
     real = ib.train._stopping
@@ -302,8 +301,8 @@ def _bf16_case(encoder: str, estimator: str, critic: str):
     return model, est, x, y
 
 
-# Cosines of the bf16 step's updates with the fp32 step's (encoder and decoder; critic), measured: 1.000/0.920,
-# 1.000/0.920, 0.998/1.000, 1.000/1.000, 0.920/1.000. MINE's critic gradient at the start is a difference of two
+# Cosines of the bf16 step's updates with the fp32 step's (encoder and decoder; critic), measured: 1.000/0.925,
+# 1.000/0.925, 0.998/1.000, 1.000/1.000, 0.920/1.000. MINE's critic gradient at the start is a difference of two
 # near-equal means (124x smaller than either here), so bf16's 0.4 % on each shows; a random ResNet's conv gradients
 # through batch norm are likewise sensitive. A sign or scale error, or a dropped gradient, gives far lower values.
 @pytest.mark.parametrize("encoder,estimator,critic,fused,cos_model,cos_critic", [
@@ -313,8 +312,6 @@ def _bf16_case(encoder: str, estimator: str, critic: str):
 def test_bf16_step_follows_the_fp32_step(encoder, estimator, critic, fused, cos_model, cos_critic):
     """One train_step under bf16 autocast moves the classifier and the critic as the fp32 step does, to bf16's
     precision; weights and the reported terms stay float32."""
-    import copy
-
     model, est, x, y = _bf16_case(encoder, estimator, critic)
     est.loss(x, model.encode(x).z.detach())  # start MINE's moving average
     updates = {}
@@ -337,8 +334,6 @@ def test_bf16_step_follows_the_fp32_step(encoder, estimator, critic, fused, cos_
 
 
 def test_bf16_autocast_keeps_the_code_and_its_noise_in_float32():
-    from ib.train import autocast
-
     model, _, x, _ = _bf16_case("mlp", "mine", "joint")
     with torch.no_grad(), autocast(x.device, "bf16"):
         model.bottleneck.head.bias[:6] += 3.0  # |mean| ~ 3: bf16 spacing 0.016, the std ~0.007
@@ -351,6 +346,16 @@ def test_bf16_autocast_keeps_the_code_and_its_noise_in_float32():
     assert float(code.std.max()) < 0.02
     # z - mean is the noise to float32 precision; rounded to bf16 it would be off by up to half a spacing (0.008)
     torch.testing.assert_close((code.z - code.mean) / code.std, eps, rtol=1e-3, atol=1e-3)
+
+
+def test_precision_names_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="'fp16'"):
+        autocast(torch.device("cpu"), "fp16")
+    # a GPU without native bf16 (torch.cuda.is_bf16_supported() says yes where it is only emulated)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(ConfigError, match="Tesla V100 has none: use precision=fp32"):
+        build_run(load_recipe(DIGITS, ["precision=bf16"]), device=torch.device("cuda"))
 
 
 def test_bf16_recipe_trains_like_fp32(tmp_path):

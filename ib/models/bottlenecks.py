@@ -50,9 +50,10 @@ class Bottleneck(nn.Module):
         raise NotImplementedError
 
     def _head(self, inputs: Tensor) -> Tensor:
-        """head(encoder(inputs)) as float32. Under bf16 autocast the layers run in bf16; the code, its std and the
-        noise added to it stay float32 (the VIB std starts near 0.007, below bf16's resolution at |mean| ~ 1)."""
-        return self.head(self.encoder(inputs)).float()
+        """head(encoder(inputs)) in the head's own dtype. Under bf16 autocast the layers compute in bf16 (the mean
+        and std are bf16-rounded like any autocast layer's output) and come back to float32 here, so that the noise
+        is added in float32: the VIB std starts near 0.007, below bf16's resolution at |mean| ~ 1."""
+        return self.head(self.encoder(inputs)).to(self.head.weight.dtype)
 
     def sample_z(self, x: Tensor, samples: int) -> Tensor:
         """`samples` independent codes per input, [S, B, K], from one batched pass over x repeated S times."""

@@ -59,7 +59,7 @@ class IBClassifier(nn.Module):
         """Logits [..., num_classes] of codes [..., K], in float32 also under bf16 autocast: the code's noise is
         below bf16's resolution, and the decoder is a small share of the work."""
         with torch.autocast(z.device.type, enabled=False):
-            return self.decoder(z.float())
+            return self.decoder(z.to(self.decoder[0].weight.dtype))
 
     def forward(self, x: Tensor, sample: bool = True) -> Tensor:
         """Logits [B, num_classes] of x in [0, 1] [B, C, H, W]."""

@@ -7,7 +7,6 @@ import math
 from typing import Any, Literal, Optional, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ib.models.encoders import (
@@ -139,19 +138,24 @@ class JointCritic(Critic):
         self.acts = nn.ModuleList(make_activation(activation) for _ in hidden)
         self.out = nn.Linear(hidden[-1], 1)
 
-    def _noise(self, h: Tensor, std: float, tiles: int = 1) -> Tensor:
-        """h + N(0, std^2) noise in training mode. With `tiles` > 1, h [tiles * N, ...] stacks blocks of N rows
-        that take one draw [N, ...] between them (row i of every block the same noise)."""
+    def _noise(self, h: Tensor, std: float, joint_rows: int = 0) -> Tensor:
+        """h + N(0, std^2) noise in training mode. With `joint_rows` = B > 0, h stacks B joint pairs over P*B
+        shuffled ones [(P+1)*B, ...]: the shuffled rows take independent draws and the joint rows reuse the first
+        shuffled block's (joint pair i shares its noise with its first shuffled twin)."""
         if not (self.training and std > 0):
             return h
-        eps = torch.randn(h.shape[0] // tiles, *h.shape[1:], device=h.device, dtype=h.dtype)
-        return torch.add(h.view(tiles, -1, *h.shape[1:]), eps, alpha=std).view(h.shape)
+        eps = torch.randn(h.shape[0] - joint_rows, *h.shape[1:], device=h.device, dtype=h.dtype)
+        if joint_rows and eps.shape[0] == joint_rows:  # P = 1: both blocks add the one draw (broadcast, no copy)
+            return torch.add(h.view(2, joint_rows, *h.shape[1:]), eps, alpha=std).view(h.shape)
+        if joint_rows:
+            eps = torch.cat([eps[:joint_rows], eps])
+        return torch.add(h, eps, alpha=std)
 
-    def _from_first(self, h: Tensor, tiles: int = 1) -> Tensor:
-        """Scores [...] from the pre-activation [..., H1] of the first hidden layer; `tiles` as in `_noise`."""
-        h = self._noise(self.acts[0](h), self.hidden_noise, tiles)
+    def _from_first(self, h: Tensor, joint_rows: int = 0) -> Tensor:
+        """Scores [...] from the pre-activation [..., H1] of the first hidden layer; `joint_rows` as in `_noise`."""
+        h = self._noise(self.acts[0](h), self.hidden_noise, joint_rows)
         for layer, act in zip(self.layers[1:], self.acts[1:]):
-            h = self._noise(act(layer(h)), self.hidden_noise, tiles)
+            h = self._noise(act(layer(h)), self.hidden_noise, joint_rows)
         return self.out(h).squeeze(-1)
 
     def features(self, x: Tensor) -> Tensor:
@@ -166,19 +170,20 @@ class JointCritic(Critic):
         noise) is computed once per x and shared by all its pairings, the z half per pair. On MNIST-sized inputs
         this saves about a quarter of the critic's arithmetic (784 of the first layer's 1,040 inputs).
 
-        Every pair sees the paper network's noise (on x, on z, after each hidden layer), and a joint pair and its
-        shuffled twins (x_i with z_i and with its marginal codes) share those draws: common random numbers. Each
-        score keeps its distribution, so the expected bound and gradients are unchanged; the joint and marginal
-        scores of a row move together, and the draws cost 1/(P+1) of independent ones (the normal sampler is about
-        6 % of a MINE step on the CPU, where torch draws ~3.4 ns per float).
+        Every pair sees the paper network's noise (on x, on z, after each hidden layer). The joint pair (x_i, z_i)
+        reuses the draws of its first shuffled twin (common random numbers): every score keeps its distribution and
+        the shuffled scores stay independent of each other given the x draw, so the bound's expectation is
+        unchanged, while the joint and shuffled scores of a row move together (the bound's spread over draws:
+        0.0074 against 0.046 nats with independent draws, on a random paper-sized critic) and the noise costs B
+        fewer normal draws per layer. The x draw is shared by all pairings of x_i, as the x half is computed once:
+        with P > 1 it correlates the P shuffled scores of a row.
         """
         b = x.shape[0]
-        tiles = z_shuffled.shape[0] // b + 1
         first = self.layers[0]
         fx = self._noise(self.features(x), self.input_noise)  # [B, F]
-        zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise, tiles)  # [(P+1)*B, K]
+        zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise, joint_rows=b)  # [(P+1)*B, K]
         h = shared_first_layer(fx, zz, first.weight, first.bias)  # [(P+1)*B, H1]
-        t = self._from_first(h, tiles)  # [(P+1)*B]
+        t = self._from_first(h, joint_rows=b)  # [(P+1)*B]
         return t[:b], t[b:]
 
     def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ small validation helpers here are shared by the sibling modules of ``ib.models``
 import math
 from typing import Any, Collection, Literal, Optional, Sequence, get_args
 
-import torch
 from torch import Tensor, nn
 
 from ib.errors import ConfigError

@@ -3,7 +3,8 @@
 torch's CPU ELU and softplus call scalar `expm1` and `log1p` per element (about 4.5 and 10 ns per float on 2 CPU
 cores, against 0.5 ns for `exp`). The paper's statistics network runs two ELUs on every pair each step and the
 Gaussian bottleneck a softplus on every code; these versions give torch's values to float rounding (tests compare
-them over the whole float range) and fall back to torch's kernels off the CPU, where those are fast.
+them over the whole float range). They take float32 and float64 on the CPU; other dtypes (bf16, where e^x - 1 near
+0 would lose its digits) and other devices use torch's kernels.
 """
 from typing import Any
 
@@ -46,15 +47,16 @@ class _SoftplusByExp(torch.autograd.Function):
         return grad * torch.sigmoid(x)
 
 
-def _on_cpu(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.is_floating_point()
+def _by_exp(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 def elu(x: Tensor) -> Tensor:
     """F.elu(x) (alpha 1)."""
-    return _ELUByExp.apply(x) if _on_cpu(x) else F.elu(x)
+    return _ELUByExp.apply(x) if _by_exp(x) else F.elu(x)
 
 
 def softplus(x: Tensor) -> Tensor:
-    """F.softplus(x) (beta 1, threshold 20: above it both return x to float rounding)."""
-    return _SoftplusByExp.apply(x) if _on_cpu(x) else F.softplus(x)
+    """F.softplus(x) (beta 1, threshold 20: in float32 both return x above it; in float64 this one keeps the
+    e^-x that torch's drops there)."""
+    return _SoftplusByExp.apply(x) if _by_exp(x) else F.softplus(x)
