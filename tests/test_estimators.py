@@ -133,6 +133,32 @@ def test_mine_gradient_is_bias_corrected_by_the_moving_average():
     # the plain minibatch DV gradient would be 1 - 3/3 = 0: the correction is what makes it non-zero here
 
 
+def test_mine_moving_average_and_penalty_need_no_host_sync():
+    """MINE decides on the device whether its average has started and whether a batch is finite: nothing in
+    _update_ema or penalty reads a value back to the host (item/bool/int all go through _local_scalar_dense)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a host sync"
+            return func(*args, **(kwargs or {}))
+
+    est = MINE(_ConstCritic(), ema_rate=0.25)
+    t_joint, t_marginal = torch.zeros(4), torch.full((4,), math.log(2.0))
+    est.scores = lambda x, z: (t_joint, t_marginal)  # (the marginal shift is drawn on the CPU: not this test's)
+    with NoHostReads():
+        dv = est.penalty(None, None)  # no average yet: the plain DV bound, -log 2
+        est._update_ema(torch.tensor(math.log(2.0)))  # starts the average
+        est._update_ema(torch.tensor(math.nan))  # ignored
+        est._update_ema(torch.tensor(-math.inf))  # ignored
+        est._update_ema(torch.tensor(math.log(6.0)))
+        surrogate = est.penalty(None, None)
+    assert float(dv) == pytest.approx(-math.log(2.0))
+    assert int(est.ema_steps) == 2 and math.exp(float(est.log_ema)) == pytest.approx(0.75 * 2 + 0.25 * 6)
+    log_ema = math.log(3.0)
+    assert float(surrogate) == pytest.approx(0.0 - math.exp(math.log(2.0) - log_ema) + 1.0 - log_ema)
+
+
 def test_penalty_does_not_update_the_moving_average():
     est = MINE(_ConstCritic())
     est.loss(None, torch.zeros(4, 1))

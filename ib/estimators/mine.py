@@ -44,19 +44,18 @@ class MINE(CriticEstimator):
 
     @torch.no_grad()
     def _update_ema(self, lme: Tensor) -> None:
-        if not torch.isfinite(lme):
-            return  # a non-finite batch must not poison the average
-        if int(self.ema_steps) == 0:
-            self.log_ema.copy_(lme)
-        else:
-            a = self.ema_rate
-            self.log_ema.copy_(torch.logaddexp(self.log_ema + math.log1p(-a), lme + math.log(a)) if a < 1 else lme)
-        self.ema_steps += 1
+        """Blend lme = log E_Q[e^T] of a batch into the average; the first batch starts it, and a non-finite one
+        leaves it alone (it must not poison the average). Decided on the device: no host sync per step."""
+        a = self.ema_rate
+        blended = torch.logaddexp(self.log_ema + math.log1p(-a), lme + math.log(a)) if a < 1 else lme
+        finite = torch.isfinite(lme)
+        self.log_ema.copy_(torch.where(finite, torch.where(self.ema_steps > 0, blended, lme), self.log_ema))
+        self.ema_steps.add_(finite.long())
 
-    def _surrogate(self, t_joint: Tensor, lme: Tensor) -> Tensor:
-        """S from the joint scores and lme = log E_Q[e^T] of the batch (differentiable)."""
+    def _surrogate(self, mean_joint: Tensor, lme: Tensor) -> Tensor:
+        """S from E_P[T] and lme = log E_Q[e^T] of the batch (differentiable)."""
         log_ema = self.log_ema.detach()
-        return self.mean(t_joint) - exp_capped(lme - log_ema) + 1.0 - log_ema
+        return mean_joint - exp_capped(lme - log_ema) + 1.0 - log_ema
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         """Minus the bias-corrected bound, for the critic's optimiser; updates the moving average first (with
@@ -64,14 +63,14 @@ class MINE(CriticEstimator):
         t_joint, t_marginal = self.scores(x, z)
         lme = self.log_mean_exp(t_marginal)
         self._update_ema(lme.detach())
-        return -self._surrogate(t_joint, lme)
+        return -self._surrogate(self.mean(t_joint), lme)
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         """The bias-corrected bound for the encoder to minimise; the moving average is read, not updated."""
         t_joint, t_marginal = self.scores(x, z)
-        if int(self.ema_steps) == 0:  # no average yet: the plain DV bound
-            return self.report(t_joint, t_marginal)
-        return self._surrogate(t_joint, self.log_mean_exp(t_marginal))
+        mean_joint, lme = self.mean(t_joint), self.log_mean_exp(t_marginal)
+        # no average yet: the plain DV bound (chosen on the device, without a host sync)
+        return torch.where(self.ema_steps > 0, self._surrogate(mean_joint, lme), mean_joint - lme)
 
 
 class MINEf(CriticEstimator):
