@@ -71,6 +71,17 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
     assert "FLOP ratio: 1.7" in text  # the paper critic's counted arithmetic over the beta=0 model's
 
 
+def test_cpu_kernels_smoke_writes_the_report(tmp_path):
+    bench = _load("cpu_kernels")
+    out = tmp_path / "cpu_kernels.md"
+    bench.main(["--calls", "2", "--repeats", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "Command: `python benchmarks/cpu_kernels.py --calls 2 --repeats 1" in text
+    rows = [l for l in text.splitlines() if l.startswith("| ELU") or l.startswith("| softplus")]
+    assert len(rows) == 4 and all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows)
+    assert re.search(r"normal sampler: \d+\.\d+ ns per float", text)
+
+
 def test_ddp_digits_smoke_writes_the_report(tmp_path):
     bench = _load("ddp_digits")
     out = tmp_path / "ddp.md"
