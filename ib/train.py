@@ -632,13 +632,15 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
                           f"process ({proc.world_size} processes)")
     if len(data.train.y) < d.batch_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the training set ({len(data.train.y)})")
+    # NHWC convolutions (4-D weights in channels-last order; other parameters are left as they are)
+    memory_format = torch.channels_last if recipe.model.channels_last else torch.preserve_format
     with _building("model"):
-        model = build_model(recipe, data).to(device)
+        model = build_model(recipe, data).to(device, memory_format=memory_format)
     with _building("mi"):
         estimator = build_estimator(recipe, data, model.bottleneck.z_dim)
     critic_optimizer = None
     if estimator is not None:
-        estimator = estimator.to(device)
+        estimator = estimator.to(device, memory_format=memory_format)
         if any(True for _ in estimator.parameters()):  # bounds without a critic (e.g. a KL bound) train nothing
             critic_optimizer = build_optimizer(recipe.mi.optimizer, list(estimator.parameters()))
     optimizer = build_optimizer(recipe.optimizer, list(model.parameters()))

@@ -365,3 +365,27 @@ def test_bf16_recipe_trains_like_fp32(tmp_path):
     assert abs(bf16["test_accuracy"] - fp32["test_accuracy"]) < 0.03, (bf16["test_accuracy"], fp32["test_accuracy"])
     assert abs(bf16["I_XZ_nats"] - fp32["I_XZ_nats"]) < 0.3, (bf16["I_XZ_nats"], fp32["I_XZ_nats"])
     assert load_recipe(tmp_path / "bf16" / "recipe.yaml").precision == "bf16"  # saved with the run
+
+
+def test_channels_last_trains_as_the_default_layout():
+    """model.channels_last puts every 4-D conv weight (classifier and critic) in NHWC order; one step moves the
+    weights as the contiguous layout does, to float rounding."""
+    overrides = ["model.encoder=convnet", "model.encoder.channels=[4,8]", "model.encoder.hidden=16",
+                 "mi.critic.x_branch=conv", "mi.critic.x_channels=[4]", "mi.critic.hidden=[16]", "beta=0.1"]
+    runs = {flag: build_run(load_recipe(DIGITS, [*overrides, f"model.channels_last={flag}"]))
+            for flag in ("true", "false")}
+    for flag, run in runs.items():
+        convs = [p for net in (run.model, run.estimator) for p in net.parameters() if p.dim() == 4]
+        layout = torch.channels_last if flag == "true" else torch.contiguous_format
+        assert len(convs) == 3 and all(p.is_contiguous(memory_format=layout) for p in convs)
+        assert (flag == "true") == any(not p.is_contiguous() for p in convs)  # (a 1-channel weight is both)
+    x, y = runs["true"].data.train.x[:32].float() / 255.0, runs["true"].data.train.y[:32]
+    updates = {}
+    for flag, run in runs.items():
+        before = [p.detach().clone() for p in (*run.model.parameters(), *run.estimator.parameters())]
+        torch.manual_seed(5)
+        out = train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y, beta=0.1, fused=True)
+        assert bool(out["finite"])
+        updates[flag] = [p.detach() - b for p, b in zip((*run.model.parameters(), *run.estimator.parameters()), before)]
+    for a, b in zip(updates["true"], updates["false"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
