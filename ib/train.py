@@ -109,16 +109,23 @@ def _fused_adam_ok(params: Sequence[Any]) -> bool:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
     """`optimizer.load_state_dict`, keeping the implementation it was built with (fused or not): the saved groups
-    carry the flags of the run that saved them, e.g. no `fused` from checkpoints written before it was used."""
+    carry the flags of the run that saved them, e.g. no `fused` from checkpoints written before it was used.
+
+    Each per-parameter state tensor (Adam's moments) takes its parameter's memory layout: a checkpoint saved with
+    NCHW conv weights resumes into channels-last ones, and the fused kernels pair elements by position, not index.
+    """
     flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, kept in zip(optimizer.param_groups, flags):
         group.update(kept)
-        if kept["fused"]:  # fused kernels want each step counter as a float tensor on the parameter's device
-            for p in group["params"]:
-                st = optimizer.state.get(p, {})
-                if isinstance(st.get("step"), Tensor):
-                    st["step"] = st["step"].to(p.device, torch.float32)
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+            if kept["fused"] and isinstance(st.get("step"), Tensor):
+                # fused kernels want each step counter as a float tensor on the parameter's device
+                st["step"] = st["step"].to(p.device, torch.float32)
 
 
 @dataclass

@@ -71,6 +71,32 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
     assert "FLOP ratio: 1.7" in text  # the paper critic's counted arithmetic over the beta=0 model's
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recorded_matmuls_are_the_counted_flops(precision):
+    """The peak is timed at the products MatmulShapes records; their 2*M*K*N must be the FLOPs the counter counts
+    for the same MINE-IB step (no product missed or invented, e.g. the critic's split first layer)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ib.estimators import ESTIMATORS
+    from ib.models.classifier import build_classifier
+    from ib.models.critics import CRITICS
+    from ib.train import train_step
+
+    bench = _load("train_speed")
+    torch.manual_seed(0)
+    model = build_classifier("mlp", {"hidden": (32, 16)}, "gaussian", {"z_dim": 8}, in_shape=(1, 6, 6),
+                             num_classes=4, mean=(0.5,), std=(0.25,))
+    est = ESTIMATORS.create("mine", CRITICS.create("joint", (1, 6, 6), 8, hidden=(16, 16)))
+    opts = [torch.optim.SGD(net.parameters(), lr=0.1) for net in (model, est)]
+    x, y = torch.rand(10, 1, 6, 6), torch.randint(0, 4, (10,))
+    counter, matmuls = FlopCounterMode(display=False), bench.MatmulShapes()
+    with counter, matmuls:
+        train_step(model, est, *opts, x, y, beta=0.1, fused=True, precision=precision)
+    assert sum(2 * m * k * n for m, k, n in matmuls.shapes) == counter.get_total_flops() > 0
+    assert (10, 36, 16) in matmuls.shapes and (20, 8, 16) in matmuls.shapes  # the critic's x half and z half
+    assert not any(k == 36 + 8 for _, k, _ in matmuls.shapes)  # never the unsplit [x, z] first layer
+
+
 def test_cpu_kernels_smoke_writes_the_report(tmp_path):
     bench = _load("cpu_kernels")
     out = tmp_path / "cpu_kernels.md"

@@ -280,6 +280,24 @@ def test_joint_critic_shared_noise_keeps_each_score_distribution():
         assert p == 1 or abs(float(torch.corrcoef(noise[1:, :, 0])[0, 1])) < 0.05
 
 
+def test_shared_noise_lowers_the_spread_of_the_bound():
+    """The paper's critic (784 + 256 inputs, 512-512 ELU, noise 0.3/0.5) on one batch of dependent (x, z): the DV
+    bound's spread over noise draws with the joint pairs reusing their twins' draws, against independent draws for
+    every pair (measured 0.0072 against 0.048 nats; the README cites it), with the same mean."""
+    from ib.estimators.base import dv_bound
+
+    torch.manual_seed(0)
+    critic = CRITICS.create("joint", (784,), 256, hidden=(512, 512)).train()
+    x = torch.rand(100, 784)
+    z = torch.randn(100, 256) + x[:, :256]
+    shuffled = z.roll(1, 0)
+    with torch.no_grad():
+        shared = torch.tensor([float(dv_bound(*critic.pair_scores(x, z, shuffled))) for _ in range(200)])
+        independent = torch.tensor([float(dv_bound(critic(x, z), critic(x, shuffled))) for _ in range(200)])
+    assert shared.std() < independent.std() / 3
+    assert abs(float(shared.mean() - independent.mean())) < 4 * float(independent.std()) / math.sqrt(200)
+
+
 def test_separable_scores_are_a_matmul():
     critic = _critic("separable", (1, 8, 8))
     x, z = torch.rand(5, 1, 8, 8), torch.randn(7, K)
