@@ -158,7 +158,7 @@ class ModelConfig:
     eval_samples: int = _field(12, "samples of Z averaged for the sampled test prediction (0: mean code only)", ge=0,
                                le=10_000)
     channels_last: bool = _field(True, "conv weights, and so their activations, in NHWC order (the ResNet-18 step "
-                                 "1.25x faster on 2 CPU cores, benchmarks/train_speed.py); no effect on MLPs")
+                                 "1.20x faster on 2 CPU cores, benchmarks/train_speed.py); no effect on MLPs")
 
 
 @dataclass
