@@ -159,6 +159,22 @@ def test_mine_moving_average_and_penalty_need_no_host_sync():
     assert float(surrogate) == pytest.approx(0.0 - math.exp(math.log(2.0) - log_ema) + 1.0 - log_ema)
 
 
+def test_mine_penalty_before_any_update_has_the_plain_dv_gradient():
+    """Before the average starts, the penalty is the plain DV bound, chosen by torch.where: its gradient is DV's,
+    with nothing leaking from the unused surrogate branch even when that branch's exponent is past the cap."""
+    est = MINE(_ConstCritic())
+    t_joint = torch.tensor([0.5, 1.0, 1.5, 2.0], requires_grad=True)
+    t_marginal = torch.tensor([40.0, 41.0, 39.0, 42.0], requires_grad=True)  # exp(lme - 0) past EXP_CAP = 30
+    est.scores = lambda x, z: (t_joint, t_marginal)
+    value = est.penalty(None, None)
+    value.backward()
+    tj, tm = t_joint.detach().requires_grad_(), t_marginal.detach().requires_grad_()
+    dv_bound(tj, tm).backward()
+    assert torch.isfinite(value) and float(value.detach()) == pytest.approx(float(dv_bound(tj, tm).detach()))
+    torch.testing.assert_close(t_joint.grad, tj.grad)
+    torch.testing.assert_close(t_marginal.grad, tm.grad)
+
+
 def test_penalty_does_not_update_the_moving_average():
     est = MINE(_ConstCritic())
     est.loss(None, torch.zeros(4, 1))
