@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List
 
@@ -25,20 +23,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.models import functional  # noqa: E402
-from train_speed import cpu_name  # noqa: E402
+from train_speed import cpu_name, timed  # noqa: E402
 
 
 def per_call(fn: Callable[[], object], calls: int, repeats: int) -> float:
     """Median seconds per call over `repeats` timings of `calls` calls (after a warm-up)."""
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+
+    def batch() -> None:
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+
+    return timed(batch, torch.device("cpu"), repeats) / calls
 
 
 def forward_backward(f: Callable, x: torch.Tensor) -> Callable[[], None]:

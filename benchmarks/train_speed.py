@@ -97,15 +97,7 @@ def spread(figure: Tuple[float, float, float], fmt: str) -> str:
 
 def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median wall seconds of `fn` over `repeats` calls (after one warm-up call)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed_together({"fn": fn}, device, repeats)["fn"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,13 +158,19 @@ def reference_mlp(in_features: int, hidden: List[int], z_dim: int, classes: int)
     return nn.Sequential(*layers)
 
 
-def counted_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, List[Tuple[int, int, int]]]:
-    """FLOPs per sample of one forward and backward of the plain loop, counted as for ib's step, and its matmuls."""
+def counted(step: Callable[[], object]) -> Tuple[float, List[Tuple[int, int, int]]]:
+    """The FLOPs of one call of `step` (torch's FlopCounterMode) and its matrix products (MatmulShapes)."""
     counter, matmuls = FlopCounterMode(display=False), MatmulShapes()
     with counter, matmuls:
-        F.cross_entropy(model(x), y).backward()
+        step()
+    return counter.get_total_flops(), matmuls.shapes
+
+
+def counted_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, List[Tuple[int, int, int]]]:
+    """FLOPs per sample of one forward and backward of the plain loop, counted as for ib's step, and its matmuls."""
+    flops, matmuls = counted(lambda: F.cross_entropy(model(x), y).backward())
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(y), matmuls.shapes
+    return flops / len(y), matmuls
 
 
 def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
@@ -227,12 +225,10 @@ def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
             precision=recipe.precision)
 
     x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
-    counter, matmuls = FlopCounterMode(display=False), MatmulShapes()
-    with counter, matmuls:
-        train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y,
-                   run.beta_schedule.value(10**6), critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused,
-                   precision=recipe.precision)
-    return IBLoop(run_epoch, counter.get_total_flops() / b, matmuls.shapes, run)
+    flops, matmuls = counted(lambda: train_step(
+        run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y, run.beta_schedule.value(10**6),
+        critic_steps=recipe.mi.critic_steps, fused=recipe.mi.fused, precision=recipe.precision))
+    return IBLoop(run_epoch, flops / b, matmuls, run)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -546,9 +546,7 @@ def load_run(path: str | Path, device: Optional[str] = None) -> LoadedRun:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt}: weights do not match the recipe: {' '.join(str(e).split())[:300]}") from None
-    memory_format = torch.channels_last if recipe.model.channels_last else torch.preserve_format
-    return LoadedRun(model.to(target, memory_format=memory_format), recipe, data, ckpt, run_dir,
-                     int(state.get("epoch", 0)))
+    return LoadedRun(model.to(target), recipe, data, ckpt, run_dir, int(state.get("epoch", 0)))
 
 
 def _floats(text: str, flag: str) -> List[float]:

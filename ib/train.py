@@ -65,11 +65,18 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(recipe: Recipe, data: DataSplits) -> IBClassifier:
     m = recipe.model
-    return build_classifier(
+    model = build_classifier(
         m.encoder.name, m.encoder.options, m.bottleneck.name, m.bottleneck.options,
         in_shape=data.in_shape, num_classes=data.num_classes, mean=data.mean, std=data.std,
         decoder_hidden=m.decoder_hidden,
     )
+    return model.to(memory_format=_memory_format(recipe))
+
+
+def _memory_format(recipe: Recipe) -> torch.memory_format:
+    """NHWC convolutions under `model.channels_last` (4-D weights in channels-last order; `.to(device)` keeps it,
+    and so does `load_state_dict`)."""
+    return torch.channels_last if recipe.model.channels_last else torch.preserve_format
 
 
 def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MIEstimator]:
@@ -78,7 +85,8 @@ def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MI
     if not getattr(ESTIMATORS.get(recipe.mi.estimator.name), "needs_critic", True):  # vib_kl: reads the Gaussian code
         return ESTIMATORS.create(recipe.mi.estimator.name, recipe.model.bottleneck.name, **recipe.mi.estimator.options)
     critic = CRITICS.create(recipe.mi.critic.name, data.in_shape, z_dim, **recipe.mi.critic.options)
-    return ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)
+    estimator = ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)
+    return estimator.to(memory_format=_memory_format(recipe))
 
 
 def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -329,11 +337,9 @@ def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.op
                 grad_clip: Optional[float], replicas: Optional[Replicas], precision: Precision) -> Dict[str, Tensor]:
     saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
     with autocast(x.device, precision):
-        if replicas is not None:
-            out = fused_minimax_objective(model, estimator, x, y, beta, forward=replicas.forward,
-                                          critic_loss_fn=replicas.critic_loss)
-        else:
-            out = fused_minimax_objective(model, estimator, x, y, beta)
+        out = fused_minimax_objective(model, estimator, x, y, beta,
+                                      forward=replicas.forward if replicas is not None else None,
+                                      critic_loss_fn=replicas.critic_loss if replicas is not None else None)
     optimizer.zero_grad(set_to_none=True)
     critic_optimizer.zero_grad(set_to_none=True)
     out["objective"].backward()
@@ -639,15 +645,13 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
                           f"process ({proc.world_size} processes)")
     if len(data.train.y) < d.batch_size:
         raise ConfigError(f"data.batch_size={d.batch_size} is larger than the training set ({len(data.train.y)})")
-    # NHWC convolutions (4-D weights in channels-last order; other parameters are left as they are)
-    memory_format = torch.channels_last if recipe.model.channels_last else torch.preserve_format
     with _building("model"):
-        model = build_model(recipe, data).to(device, memory_format=memory_format)
+        model = build_model(recipe, data).to(device)
     with _building("mi"):
         estimator = build_estimator(recipe, data, model.bottleneck.z_dim)
     critic_optimizer = None
     if estimator is not None:
-        estimator = estimator.to(device, memory_format=memory_format)
+        estimator = estimator.to(device)
         if any(True for _ in estimator.parameters()):  # bounds without a critic (e.g. a KL bound) train nothing
             critic_optimizer = build_optimizer(recipe.mi.optimizer, list(estimator.parameters()))
     optimizer = build_optimizer(recipe.optimizer, list(model.parameters()))
