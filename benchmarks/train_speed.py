@@ -8,7 +8,8 @@ change in the machine's load falls on all of them alike; the goals' ratios are a
   1. matmul peak: FLOP/s of torch.mm at a large square, and at each loop's own matmuls (the (M, K, N) of every
      matrix product of one training step, recorded as dispatched, timed alone);
   2. a plain PyTorch reference loop: tensors in memory, the same network, cross-entropy only, torch's default Adam
-     (ib's own path uses fused Adam where torch has it);
+     (ib's own path uses fused Adam where torch has it); and MINE-IB written in plain PyTorch with the same
+     algorithm as ib's step (`reference_mine_loop`), the peer of ib's MINE-IB loop;
   3. ib's training code path (`ib.train.train_one_epoch` on a `BatchLoader`) with beta = 0 (deterministic
      encoder, no critic) and with MINE (the recipe's statistics network);
   4. model FLOPs per sample counted by torch.utils.flop_counter.FlopCounterMode on one real step, achieved
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
+import math
 import os
 import platform
 import shutil
@@ -194,6 +196,64 @@ def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return run
 
 
+def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device,
+                        precision: Precision) -> Tuple[Callable[[], None], float]:
+    """`steps` of MINE-IB written in plain PyTorch, as a user would with the same algorithm as ib's one-pass step:
+    the Gaussian encoder (784-1024-1024, K=256, std = softplus(pre - 5)); the paper's statistics network on
+    concat(x, z) (512-512 F.elu, N(0, 0.3^2) input and N(0, 0.5^2) hidden noise, the x half of the first layer
+    computed once per x and the joint pairs reusing their shuffled twins' draws, as ib does); one shuffled batch
+    for the marginal; the DV bound with MINE's moving-average correction; gradient reversal by detach arithmetic;
+    one backward pass; torch's default Adam for each player. Returns the loop and its counted FLOPs per sample."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, 512)).to(device)
+    decoder = nn.Linear(256, 10).to(device)
+    first, second, out = nn.Linear(784 + 256, 512).to(device), nn.Linear(512, 512).to(device), nn.Linear(512, 1).to(device)
+    opt = torch.optim.Adam([*body.parameters(), *decoder.parameters()], lr=1e-4, betas=(0.5, 0.999))
+    critic_opt = torch.optim.Adam([*first.parameters(), *second.parameters(), *out.parameters()], lr=2e-4,
+                                  betas=(0.5, 0.999))
+    state = {"log_ema": None}
+    g = torch.Generator().manual_seed(0)
+
+    def noisy(h: torch.Tensor, std: float) -> torch.Tensor:  # [2B, H]: one draw for both halves
+        eps = torch.randn(h.shape[0] // 2, h.shape[1], device=h.device, dtype=h.dtype)
+        return (h.view(2, -1, h.shape[1]) + std * eps).view(h.shape)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, beta: float = 1e-3) -> None:
+        b = yb.shape[0]
+        with autocast(device, precision):
+            mean, pre = body(xb).chunk(2, dim=1)
+            z = mean + F.softplus(pre - 5.0) * torch.randn_like(mean)
+            ce = F.cross_entropy(decoder(z.float()), yb)
+            z = (1 + beta) * z.detach() - beta * z  # the value z; the gradient reaching z, times -beta
+            zz = torch.cat([z, z.roll(int(torch.randint(1, b, (1,), generator=g)), 0)])  # joint, then shuffled
+            x_in = xb.flatten(1) + 0.3 * torch.randn(b, 784, device=device)
+            h = F.linear(x_in, first.weight[:, :784], first.bias).repeat(2, 1) + F.linear(
+                noisy(zz, 0.3), first.weight[:, 784:])
+            h = noisy(F.elu(second(noisy(F.elu(h), 0.5))), 0.5)
+            t = out(h).squeeze(1).float()
+        lme = torch.logsumexp(t[b:], 0) - math.log(b)
+        with torch.no_grad():
+            ema = state["log_ema"]
+            state["log_ema"] = lme if ema is None else torch.logaddexp(ema + math.log(0.99), lme + math.log(0.01))
+        log_ema = state["log_ema"]
+        bound = t[:b].mean() - torch.exp(lme - log_ema) + 1 - log_ema  # MINE's bias-corrected DV surrogate
+        opt.zero_grad(set_to_none=True)
+        critic_opt.zero_grad(set_to_none=True)
+        (ce - bound).backward()  # the critic ascends the bound; the encoder descends CE + beta * bound
+        opt.step()
+        critic_opt.step()
+
+    def run() -> None:
+        order = torch.randperm(len(y), generator=g).to(device)
+        for i in range(steps):
+            idx = order[i * batch:(i + 1) * batch]
+            step(x[idx].float().div_(255.0), y[idx])
+
+    flops, _ = counted(lambda: step(x[:batch].float().div(255.0), y[:batch]))
+    return run, flops / batch
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3-4. ib's own code path
 
@@ -300,6 +360,7 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     ref_model = reference_mlp(784, [1024, 1024], 256, 10).to(device)
     ref_loop = reference_loop(ref_model, x, y, b, args.steps, device, args.precision)
     ref_flops, ref_matmuls = counted_flops(ref_model, x[:b].float().div(255.0), y[:b])
+    ref_mine_loop, ref_mine_flops = reference_mine_loop(x, y, b, args.steps, device, args.precision)
     # Each loop's peak: its own step's matmuls timed alone, taking turns with the training loops so that
     # utilisation compares rates measured under one load.
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32  # the peaks in the matmuls' own dtype
@@ -307,10 +368,11 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     peak_loops = {name: mm_loop(shapes, device, dtype) for name, shapes in (
         ("mm_ref", ref_matmuls), ("mm0", ib0.matmuls), ("mm_mine", mine.matmuls),
         ("mm_mine_old", linear_step_shapes(mine.run.model, b) + linear_step_shapes(mine.run.estimator, 2 * b)))}
-    times = timed_together({"ref": ref_loop, "ib0": ib0.epoch, "mine": mine.epoch, "square": square,
+    times = timed_together({"ref": ref_loop, "ib0": ib0.epoch, "mine": mine.epoch, "ref_mine": ref_mine_loop,
+                            "square": square,
                             **{k: fn for k, (fn, _) in peak_loops.items()}}, device, args.repeats)
     seconds = {k: statistics.median(v) for k, v in times.items()}
-    ref, rate0, rate_mine = (args.steps * b / seconds[k] for k in ("ref", "ib0", "mine"))
+    ref, rate0, rate_mine, ref_mine = (args.steps * b / seconds[k] for k in ("ref", "ib0", "mine", "ref_mine"))
     square = square_flops / seconds["square"]
     peak_ref, peak0, peak_mine, peak_mine_old = (peak_loops[k][1] / seconds[k]
                                                  for k in ("mm_ref", "mm0", "mm_mine", "mm_mine_old"))
@@ -319,6 +381,8 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     util_mine = per_round(times, lambda t: args.steps * b * flops_mine / t["mine"]
                           / (peak_loops["mm_mine"][1] / t["mm_mine"]))
     epoch_ratio = per_round(times, lambda t: t["mine"] / t["ib0"])
+    ref_epoch_ratio = per_round(times, lambda t: t["ref_mine"] / t["ref"])
+    mine_vs_ref = per_round(times, lambda t: t["ref_mine"] / t["mine"])
     fixed0, fixed_mine = fixed_costs(recipe, plain, data, device, args)
     fm_ours, fm_tv = data_rates(mine.run, Path(args.fashion_root), b, args.data_batches, device, args.repeats)
 
@@ -338,12 +402,19 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         f"{rate0 * flops0 / 1e9:.1f} | {rate0 * flops0 / peak0:.2f} |",
         f"| ib, MINE-IB (paper critic) | {rate_mine:,.0f} | {rate_mine / ref:.2f} | {flops_mine / 1e6:.2f} M | "
         f"{rate_mine * flops_mine / 1e9:.1f} | {rate_mine * flops_mine / peak_mine:.2f} |",
+        f"| plain PyTorch MINE-IB (the same algorithm, torch alone) | {ref_mine:,.0f} | {ref_mine / ref:.2f} | "
+        f"{ref_mine_flops / 1e6:.2f} M | {ref_mine * ref_mine_flops / 1e9:.1f} | |",
         "",
-        f"MINE-IB epoch time / beta=0 epoch time: {rate0 / rate_mine:.2f}x; FLOP ratio: {flops_mine / flops0:.2f}x.",
+        f"MINE-IB epoch time / beta=0 epoch time: {rate0 / rate_mine:.2f}x; FLOP ratio: {flops_mine / flops0:.2f}x. "
+        f"The same algorithm in plain PyTorch against the plain CE loop: {ref / ref_mine:.2f}x "
+        f"(FLOP ratio {ref_mine_flops / ref_flops:.2f}x); ib's MINE-IB step runs {rate_mine / ref_mine:.2f}x as "
+        f"fast as it.",
         "",
         f"The same figures round by round (each from loops timed seconds apart; median and range over "
         f"{args.repeats} rounds): ib beta=0 / reference {spread(ib0_vs_ref, '.2f')}; MINE-IB utilisation "
-        f"{spread(util_mine, '.2f')}; MINE-IB / beta=0 epoch {spread(epoch_ratio, '.2f')}.",
+        f"{spread(util_mine, '.2f')}; MINE-IB / beta=0 epoch {spread(epoch_ratio, '.2f')}; plain MINE-IB / plain "
+        f"CE epoch {spread(ref_epoch_ratio, '.2f')}; ib MINE-IB speed / plain MINE-IB speed "
+        f"{spread(mine_vs_ref, '.2f')}.",
         "",
         f"Before 2026-11-28 the peak was timed at three products per Linear layer (forward, input and weight "
         f"gradients, the critic's first layer unsplit), not at the products the step runs: "

@@ -61,7 +61,7 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
     assert "Command: `python benchmarks/train_speed.py --steps 2 --repeats 2" in text
     assert f"batch 100), {precision}" in text and ("torch.bfloat16" in text) == (precision == "bf16")
     ranges = re.findall(r"(\d+\.\d+) \(rounds (\d+\.\d+)-(\d+\.\d+)\)", text)
-    assert len(ranges) == 3 and all(float(lo) <= float(mid) <= float(hi) for mid, lo, hi in ranges)
+    assert len(ranges) == 5 and all(float(lo) <= float(mid) <= float(hi) for mid, lo, hi in ranges)
     fixed = re.search(r"beta=0 (\d+\.\d+) ms, MINE-IB (\d+\.\d+) ms", text)
     assert fixed and 0 < float(fixed[1]) < float(fixed[2])  # MINE's step does strictly more
     for row in ("| plain PyTorch reference (CE, torch's default Adam) |", "| ib, beta=0 (deterministic, no critic) |",
@@ -69,6 +69,10 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
         cells = [c.strip() for c in next(l for l in text.splitlines() if l.startswith(row)).strip("|").split("|")]
         assert float(cells[1].replace(",", "")) > 0 and 0 < float(cells[5]) < 2  # samples/s, utilisation
     assert "FLOP ratio: 1.7" in text  # the paper critic's counted arithmetic over the beta=0 model's
+    flops = {row: next(l for l in text.splitlines() if l.startswith(row)).split("|")[4].strip()
+             for row in ("| ib, MINE-IB (paper critic) |", "| plain PyTorch MINE-IB (the same algorithm, torch alone) |")}
+    assert len(set(flops.values())) == 1 and float(flops["| ib, MINE-IB (paper critic) |"][:-2]) > 18  # same arithmetic
+    assert "(FLOP ratio 1.7" in text
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

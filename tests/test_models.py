@@ -478,3 +478,49 @@ def test_shared_first_layer_matches_autograd_through_the_concatenated_input(tile
     for a, e in zip(grads_ours, grads_plain):
         torch.testing.assert_close(a, e)
     assert torch.autograd.gradcheck(shared_first_layer, (fx, zz, weight, bias))
+
+
+@pytest.mark.parametrize("activation", ["elu", "relu", "tanh", "gelu"])
+@pytest.mark.parametrize("branch,p", [("flatten", 1), ("flatten", 3), ("conv", 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_joint_critic_fused_mlp_equals_the_module_path(activation, branch, p, training):
+    """pair_scores runs the MLP as one autograd node; with the same seed it draws the same noise as the path
+    through the modules and autograd, so the scores are equal to the bit and every gradient (critic, z, the shuffled
+    codes, the conv branch's weights through fx) to float64 rounding."""
+    critic = _critic("joint", (1, 8, 8), activation=activation, x_branch=branch).double().train(training)
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    z = torch.randn(5, K, dtype=torch.float64, requires_grad=True)
+    zs = torch.randn(5 * p, K, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    fused = torch.cat(critic.pair_scores(x, z, zs))
+    torch.manual_seed(1)
+    modules = critic._scores_by_modules(critic.features(x), torch.cat([z, zs]))
+    assert torch.equal(fused, modules)
+    inputs = [z, zs, *critic.parameters()]
+    g = torch.randn_like(fused)
+    for a, e in zip(torch.autograd.grad(fused, inputs, g), torch.autograd.grad(modules, inputs, g)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tiles", [2, 3])
+def test_fused_joint_mlp_gradcheck(tiles):
+    """The hand-written backward against finite differences (float64), with the noise on: each call reseeds, so
+    the draws are constants of the function."""
+    from ib.models.critics import _JointMLP
+
+    b, f, k, widths = 3, 4, 2, (5, 4)
+    dims = [(f + k, widths[0]), (widths[0], widths[1]), (widths[1], 1)]
+    params = [t for i, o in dims for t in (torch.randn(o, i, dtype=torch.float64, requires_grad=True),
+                                           torch.randn(o, dtype=torch.float64, requires_grad=True))]
+    fx = torch.randn(b, f, dtype=torch.float64, requires_grad=True)
+    zz = torch.randn(tiles * b, k, dtype=torch.float64, requires_grad=True)
+
+    def scores(fx, zz, *params):
+        torch.manual_seed(0)
+        return _JointMLP.apply(fx, zz, "elu", 0.3, 0.5, *params)
+
+    assert torch.autograd.gradcheck(scores, (fx, zz, *params))
+    out = scores(fx, zz, *params)
+    (grad,) = torch.autograd.grad(out, zz, torch.ones_like(out, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # a second derivative raises, not zero
+        grad.sum().backward()
