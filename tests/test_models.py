@@ -491,10 +491,14 @@ def test_joint_critic_fused_mlp_equals_the_module_path(activation, branch, p, tr
     x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
     z = torch.randn(5, K, dtype=torch.float64, requires_grad=True)
     zs = torch.randn(5 * p, K, dtype=torch.float64, requires_grad=True)
-    torch.manual_seed(1)
-    fused = torch.cat(critic.pair_scores(x, z, zs))
-    torch.manual_seed(1)
-    modules = critic._scores_by_modules(critic.features(x), torch.cat([z, zs]))
+    scores = {}
+    for fused in (True, False):
+        critic.fused = fused
+        torch.manual_seed(1)
+        joint_t, marg_t = critic.pair_scores(x, z, zs)
+        scores[fused] = torch.cat([joint_t, marg_t])
+        assert (joint_t.grad_fn.next_functions[0][0].name() == "_JointMLPBackward") is fused  # the path taken
+    fused, modules = scores[True], scores[False]
     assert torch.equal(fused, modules)
     inputs = [z, zs, *critic.parameters()]
     g = torch.randn_like(fused)

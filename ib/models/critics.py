@@ -135,8 +135,10 @@ class _JointMLP(torch.autograd.Function):
     The result equals the module path's (`JointCritic._scores_by_modules`: the same noise draws, in the same order,
     and the same operations; tests/test_models.py compares them). What it saves: autograd's bookkeeping for the
     MLP's dozen nodes, and per hidden layer the activation's derivative, so that its backward is one multiply (for
-    ELU, e^min(h, 0) from the forward, where torch's backward recomputes the exponential). On the PI-MLP's MINE-IB
-    step this is 1.2-1.8 ms of 23 on 2 CPU cores (benchmarks/results/train_speed.md).
+    ELU, e^min(h, 0) from the forward, where torch's backward recomputes the exponential). The PI-MLP's MINE-IB step
+    runs 1.024x as fast with it as through the modules (median of 9 rounds, 0.98-1.04; 2 CPU cores,
+    benchmarks/results/train_speed.md): a small gain on the CPU, where the matmuls dominate. On the paper's critic
+    a forward and backward has 16 autograd nodes against 32, and dispatches 278 operations against 309.
 
     Inputs: fx [B, F], zz [(P+1)*B, K], the activation's name, the input and hidden noise stds (0 in eval mode),
     then (weight, bias) of each Linear, first to output. Returns the scores [(P+1)*B].
@@ -213,6 +215,7 @@ class JointCritic(Critic):
         self.activation = activation
         self.input_noise = input_noise
         self.hidden_noise = hidden_noise
+        self.fused = True  # pair_scores through `_JointMLP` where it applies; False: always through the modules
         widths = (x_features + z_dim, *hidden)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.acts = nn.ModuleList(make_activation(activation) for _ in hidden)
@@ -250,12 +253,14 @@ class JointCritic(Critic):
         half is computed once: with P > 1 it correlates the P shuffled scores of a row.
 
         In float32/float64 outside autocast the MLP runs as one autograd node (`_JointMLP`, a backward written by
-        hand); under autocast, through the modules (`_scores_by_modules`), which give the same scores.
+        hand); under autocast, or with `fused` set to False, through the modules (`_scores_by_modules`), which give
+        the same scores.
         """
         b = x.shape[0]
         fx = self.features(x)  # [B, F]
         zz = torch.cat([z, z_shuffled])  # [(P+1)*B, K]
-        if torch.is_autocast_enabled(fx.device.type) or fx.dtype not in (torch.float32, torch.float64):
+        if (not self.fused or torch.is_autocast_enabled(fx.device.type)
+                or fx.dtype not in (torch.float32, torch.float64)):
             t = self._scores_by_modules(fx, zz)  # autocast picks each operation's dtype
         else:
             noise = (self.input_noise, self.hidden_noise) if self.training else (0.0, 0.0)
