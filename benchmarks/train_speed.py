@@ -203,7 +203,8 @@ def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
     concat(x, z) (512-512 F.elu, N(0, 0.3^2) input and N(0, 0.5^2) hidden noise, the x half of the first layer
     computed once per x and the joint pairs reusing their shuffled twins' draws, as ib does); one shuffled batch
     for the marginal; the DV bound with MINE's moving-average correction; gradient reversal by detach arithmetic;
-    one backward pass; torch's default Adam for each player. Returns the loop and its counted FLOPs per sample."""
+    one backward pass; torch's default Adam for each player. Unlike ib's step it has no finiteness check, and its
+    ELU is torch's (on the CPU a scalar expm1 per element). Returns the loop and its counted FLOPs per sample."""
     torch.manual_seed(0)
     body = nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                          nn.Linear(1024, 512)).to(device)
@@ -235,7 +236,8 @@ def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
         lme = torch.logsumexp(t[b:], 0) - math.log(b)
         with torch.no_grad():
             ema = state["log_ema"]
-            state["log_ema"] = lme if ema is None else torch.logaddexp(ema + math.log(0.99), lme + math.log(0.01))
+            state["log_ema"] = lme.detach() if ema is None else torch.logaddexp(ema + math.log(0.99),
+                                                                                lme + math.log(0.01))
         log_ema = state["log_ema"]
         bound = t[:b].mean() - torch.exp(lme - log_ema) + 1 - log_ema  # MINE's bias-corrected DV surrogate
         opt.zero_grad(set_to_none=True)
@@ -354,7 +356,7 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     ib0 = ib_loop(recipe, plain, args.steps, device, args.precision)
     mine = ib_loop(recipe, [*data, "beta=1e-3"], args.steps, device, args.precision)
     mine_modules = ib_loop(recipe, [*data, "beta=1e-3"], args.steps, device, args.precision)
-    mine_modules.run.estimator.critic.fused = False  # the critic's MLP through the modules and autograd
+    mine_modules.run.estimator.critic.hand_backward = False  # the critic's MLP through the modules and autograd
     flops0, flops_mine = ib0.flops, mine.flops
     x = ib0.run.data.train.x[: args.steps * b].to(device)
     y = ib0.run.data.train.y[: args.steps * b].to(device)
@@ -420,7 +422,7 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         f"{spread(mine_vs_ref, '.2f')}.",
         "",
         f"The critic's MLP as one autograd node (`_JointMLP`, the default) against the same MINE-IB step through the "
-        f"modules and autograd (`critic.fused = False`), round by round: {spread(fused_critic, '.3f')}x the speed.",
+        f"modules and autograd (`critic.hand_backward = False`), round by round: {spread(fused_critic, '.3f')}x the speed.",
         "",
         f"Before 2026-11-28 the peak was timed at three products per Linear layer (forward, input and weight "
         f"gradients, the critic's first layer unsplit), not at the products the step runs: "

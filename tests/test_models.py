@@ -484,16 +484,16 @@ def test_shared_first_layer_matches_autograd_through_the_concatenated_input(tile
 @pytest.mark.parametrize("branch,p", [("flatten", 1), ("flatten", 3), ("conv", 1)])
 @pytest.mark.parametrize("training", [True, False])
 def test_joint_critic_fused_mlp_equals_the_module_path(activation, branch, p, training):
-    """pair_scores runs the MLP as one autograd node; with the same seed it draws the same noise as the path
-    through the modules and autograd, so the scores are equal to the bit and every gradient (critic, z, the shuffled
-    codes, the conv branch's weights through fx) to float64 rounding."""
+    """pair_scores runs the MLP as one autograd node on the CPU; with the same seed it draws the same noise as the
+    path through the modules and autograd, so the scores are equal to the bit and every gradient (critic, z, the
+    shuffled codes, the conv branch's weights through fx) to float64 rounding."""
     critic = _critic("joint", (1, 8, 8), activation=activation, x_branch=branch).double().train(training)
     x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
     z = torch.randn(5, K, dtype=torch.float64, requires_grad=True)
     zs = torch.randn(5 * p, K, dtype=torch.float64, requires_grad=True)
     scores = {}
     for fused in (True, False):
-        critic.fused = fused
+        critic.hand_backward = fused
         torch.manual_seed(1)
         joint_t, marg_t = critic.pair_scores(x, z, zs)
         scores[fused] = torch.cat([joint_t, marg_t])
@@ -504,6 +504,48 @@ def test_joint_critic_fused_mlp_equals_the_module_path(activation, branch, p, tr
     g = torch.randn_like(fused)
     for a, e in zip(torch.autograd.grad(fused, inputs, g), torch.autograd.grad(modules, inputs, g)):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("frozen", ["critic", "first layer"])
+def test_joint_critic_fused_mlp_with_frozen_parameters(frozen):
+    """The encoder's penalty runs the critic frozen (ib.objectives.frozen): only the code's gradient is wanted, and
+    the hand-written backward must give it (and the weight gradients still wanted) as the module path does."""
+    from ib.objectives import frozen as frozen_params
+
+    critic = _critic("joint", (1, 8, 8)).double().train()
+    part = critic if frozen == "critic" else critic.layers[0]
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    z = torch.randn(5, K, dtype=torch.float64, requires_grad=True)
+    grads = []
+    with frozen_params(part):
+        inputs = [z, *(p for p in critic.parameters() if p.requires_grad)]
+        for hand in (True, False):
+            critic.hand_backward = hand
+            torch.manual_seed(1)
+            joint_t, marg_t = critic.pair_scores(x, z, z.roll(1, 0))
+            grads.append(torch.autograd.grad(joint_t.mean() - marg_t.exp().mean().log(), inputs))
+    assert len(inputs) == (1 if frozen == "critic" else 5)
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_joint_critic_without_gradients_or_off_the_cpu_takes_the_module_path(monkeypatch):
+    from ib.models import critics
+
+    critic = _critic("joint", (1, 8, 8)).eval()
+    x, z = torch.rand(4, 1, 8, 8), torch.randn(4, K)
+
+    def refuse(*args):
+        raise AssertionError("_JointMLP used")
+
+    monkeypatch.setattr(critics._JointMLP, "apply", refuse)
+    with torch.no_grad():  # CriticEstimator.estimate: no derivatives to save
+        joint_t, _ = critic.pair_scores(x, z, z.roll(1, 0))
+    torch.testing.assert_close(joint_t, critic(x, z))
+    meta = _critic("joint", (1, 8, 8)).to("meta").train()  # another device (shapes only): F.elu there
+    assert meta.pair_scores(x.to("meta"), z.to("meta"), z.to("meta"))[0].shape == (4,)
+    with pytest.raises(AssertionError, match="_JointMLP used"):
+        critic.train().pair_scores(x, z, z.roll(1, 0))
 
 
 @pytest.mark.parametrize("tiles", [2, 3])

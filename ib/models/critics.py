@@ -132,13 +132,13 @@ class _JointMLP(torch.autograd.Function):
     """The joint critic's scores of (P+1)*B pairs in one autograd node: the noisy inputs, the shared first layer,
     each hidden activation and its noise, the output layer; the backward written out by hand.
 
-    The result equals the module path's (`JointCritic._scores_by_modules`: the same noise draws, in the same order,
-    and the same operations; tests/test_models.py compares them). What it saves: autograd's bookkeeping for the
-    MLP's dozen nodes, and per hidden layer the activation's derivative, so that its backward is one multiply (for
-    ELU, e^min(h, 0) from the forward, where torch's backward recomputes the exponential). The PI-MLP's MINE-IB step
-    runs 1.024x as fast with it as through the modules (median of 9 rounds, 0.98-1.04; 2 CPU cores,
-    benchmarks/results/train_speed.md): a small gain on the CPU, where the matmuls dominate. On the paper's critic
-    a forward and backward has 16 autograd nodes against 32, and dispatches 278 operations against 309.
+    Used on the CPU, where its ELU (through exp) is the module's: the scores equal the module path's to the bit
+    (`JointCritic._scores_by_modules`: the same noise draws, in the same order, and the same operations) and the
+    gradients to rounding (tests/test_models.py). What it saves: autograd's bookkeeping for the MLP's nodes, and per
+    hidden layer the activation's derivative, so that its backward is one multiply (for ELU, e^min(h, 0) from the
+    forward, where torch's backward recomputes the exponential). The PI-MLP's MINE-IB step runs 1.024x as fast with
+    it as through the modules (median of 9 rounds, 0.98-1.04; 2 CPU cores, benchmarks/results/train_speed.md): a
+    small gain, as the matmuls dominate the step.
 
     Inputs: fx [B, F], zz [(P+1)*B, K], the activation's name, the input and hidden noise stds (0 in eval mode),
     then (weight, bias) of each Linear, first to output. Returns the scores [(P+1)*B].
@@ -215,7 +215,7 @@ class JointCritic(Critic):
         self.activation = activation
         self.input_noise = input_noise
         self.hidden_noise = hidden_noise
-        self.fused = True  # pair_scores through `_JointMLP` where it applies; False: always through the modules
+        self.hand_backward = True  # pair_scores through `_JointMLP` where it applies; False: through the modules
         widths = (x_features + z_dim, *hidden)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.acts = nn.ModuleList(make_activation(activation) for _ in hidden)
@@ -252,15 +252,16 @@ class JointCritic(Critic):
         and the noise costs B fewer normal draws per layer. The x draw is shared by all pairings of x_i, as the x
         half is computed once: with P > 1 it correlates the P shuffled scores of a row.
 
-        In float32/float64 outside autocast the MLP runs as one autograd node (`_JointMLP`, a backward written by
-        hand); under autocast, or with `fused` set to False, through the modules (`_scores_by_modules`), which give
-        the same scores.
+        When training on the CPU in float32/float64 outside autocast, the MLP runs as one autograd node
+        (`_JointMLP`, a backward written by hand: once differentiable, so a gradient penalty on the critic needs
+        `hand_backward = False`); otherwise through the modules (`_scores_by_modules`), which give the same scores
+        to the bit and the same gradients to rounding.
         """
         b = x.shape[0]
         fx = self.features(x)  # [B, F]
         zz = torch.cat([z, z_shuffled])  # [(P+1)*B, K]
-        if (not self.fused or torch.is_autocast_enabled(fx.device.type)
-                or fx.dtype not in (torch.float32, torch.float64)):
+        if (not self.hand_backward or not torch.is_grad_enabled() or fx.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu") or fx.dtype not in (torch.float32, torch.float64)):
             t = self._scores_by_modules(fx, zz)  # autocast picks each operation's dtype
         else:
             noise = (self.input_noise, self.hidden_noise) if self.training else (0.0, 0.0)

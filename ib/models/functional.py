@@ -58,9 +58,9 @@ def elu(x: Tensor) -> Tensor:
 
 def activation_and_derivative(name: str, h: Tensor) -> tuple[Tensor, Tensor]:
     """act(h) and act'(h) elementwise for the hidden activations of `ib.models.encoders.Activation`, in
-    float32/float64 (the joint critic's fused MLP saves the derivative so that its backward is one multiply per
-    layer). Values as the activation modules give them (ELU as `elu` above); the derivative at 0 is torch's (0 for
-    ReLU, 1 for ELU). `h` is overwritten."""
+    float32/float64 on the CPU (the joint critic's hand-written MLP saves the derivative so that its backward is
+    one multiply per layer). Values as the activation modules give them on the CPU (ELU as `elu` above, through
+    exp); the derivative at 0 is torch's (0 for ReLU, 1 for ELU). `h` is overwritten."""
     if name == "elu":
         d = h.clamp(max=0.0).exp_()  # e^min(h, 0): 1 where h > 0, e^h elsewhere
         return (d - 1.0).add_(h.clamp_(min=0.0)), d
