@@ -355,8 +355,6 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     b = 100
     ib0 = ib_loop(recipe, plain, args.steps, device, args.precision)
     mine = ib_loop(recipe, [*data, "beta=1e-3"], args.steps, device, args.precision)
-    mine_modules = ib_loop(recipe, [*data, "beta=1e-3"], args.steps, device, args.precision)
-    mine_modules.run.estimator.critic.hand_backward = False  # the critic's MLP through the modules and autograd
     flops0, flops_mine = ib0.flops, mine.flops
     x = ib0.run.data.train.x[: args.steps * b].to(device)
     y = ib0.run.data.train.y[: args.steps * b].to(device)
@@ -373,7 +371,7 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         ("mm_ref", ref_matmuls), ("mm0", ib0.matmuls), ("mm_mine", mine.matmuls),
         ("mm_mine_old", linear_step_shapes(mine.run.model, b) + linear_step_shapes(mine.run.estimator, 2 * b)))}
     times = timed_together({"ref": ref_loop, "ib0": ib0.epoch, "mine": mine.epoch, "ref_mine": ref_mine_loop,
-                            "mine_modules": mine_modules.epoch, "square": square,
+                            "square": square,
                             **{k: fn for k, (fn, _) in peak_loops.items()}}, device, args.repeats)
     seconds = {k: statistics.median(v) for k, v in times.items()}
     ref, rate0, rate_mine, ref_mine = (args.steps * b / seconds[k] for k in ("ref", "ib0", "mine", "ref_mine"))
@@ -387,7 +385,6 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     epoch_ratio = per_round(times, lambda t: t["mine"] / t["ib0"])
     ref_epoch_ratio = per_round(times, lambda t: t["ref_mine"] / t["ref"])
     mine_vs_ref = per_round(times, lambda t: t["ref_mine"] / t["mine"])
-    fused_critic = per_round(times, lambda t: t["mine_modules"] / t["mine"])
     fixed0, fixed_mine = fixed_costs(recipe, plain, data, device, args)
     fm_ours, fm_tv = data_rates(mine.run, Path(args.fashion_root), b, args.data_batches, device, args.repeats)
 
@@ -420,9 +417,6 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         f"{spread(util_mine, '.2f')}; MINE-IB / beta=0 epoch {spread(epoch_ratio, '.2f')}; plain MINE-IB / plain "
         f"CE epoch {spread(ref_epoch_ratio, '.2f')}; ib MINE-IB speed / plain MINE-IB speed "
         f"{spread(mine_vs_ref, '.2f')}.",
-        "",
-        f"The critic's MLP as one autograd node (`_JointMLP`, the default) against the same MINE-IB step through the "
-        f"modules and autograd (`critic.hand_backward = False`), round by round: {spread(fused_critic, '.3f')}x the speed.",
         "",
         f"Before 2026-11-28 the peak was timed at three products per Linear layer (forward, input and weight "
         f"gradients, the critic's first layer unsplit), not at the products the step runs: "

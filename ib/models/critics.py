@@ -8,9 +8,7 @@ from typing import Any, Literal, Optional, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from ib.models import functional
 from ib.models.encoders import (
     MLP,
     Activation,
@@ -78,109 +76,30 @@ class _SharedFirstLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        f = fx.shape[1]
         ctx.save_for_backward(fx, zz, weight)
-        return _first_layer(fx, zz, weight, bias)
+        h_x = torch.addmm(bias, fx, weight[:, :f].t())  # [B, H], once per x
+        return h_x.repeat(zz.shape[0] // fx.shape[0], 1) + zz @ weight[:, f:].t()  # [(P+1)*B, H]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         # Under bf16 autocast the forward ran in bf16 and so does this; autograd casts the gradients back to the
         # inputs' dtypes.
         fx, zz, weight = (t.to(grad.dtype) for t in ctx.saved_tensors)
-        return _first_layer_backward(grad, fx, zz, weight, ctx.needs_input_grad)
-
-
-def _first_layer(fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    f = fx.shape[1]
-    h_x = torch.addmm(bias, fx, weight[:, :f].t())  # [B, H], once per x
-    return torch.addmm(h_x.repeat(zz.shape[0] // fx.shape[0], 1), zz, weight[:, f:].t())  # [(P+1)*B, H]
-
-
-def _first_layer_backward(grad: Tensor, fx: Tensor, zz: Tensor, weight: Tensor, need: tuple[bool, ...]
-                          ) -> tuple[Optional[Tensor], ...]:
-    """Gradients of (fx, zz, weight, bias) from the gradient [(P+1)*B, H] of `_first_layer`'s output; None where
-    `need` (the inputs' needs_input_grad) says none is wanted."""
-    b, f = fx.shape
-    grad_hx = grad.view(-1, b, grad.shape[1]).sum(0)  # [B, H]: the tiles of h_x add up
-    grad_fx = grad_hx @ weight[:, :f] if need[0] else None
-    grad_zz = grad @ weight[:, f:] if need[1] else None
-    grad_w = torch.cat([grad_hx.t() @ fx, grad.t() @ zz], dim=1) if need[2] else None  # [H, F + K]
-    grad_b = grad_hx.sum(0) if need[3] else None
-    return grad_fx, grad_zz, grad_w, grad_b
+        b, f = fx.shape
+        grad_hx = grad.view(-1, b, grad.shape[1]).sum(0)  # [B, H]: the tiles of h_x add up
+        need = ctx.needs_input_grad
+        grad_fx = grad_hx @ weight[:, :f] if need[0] else None
+        grad_zz = grad @ weight[:, f:] if need[1] else None
+        grad_w = torch.cat([grad_hx.t() @ fx, grad.t() @ zz], dim=1) if need[2] else None  # [H, F + K]
+        grad_b = grad_hx.sum(0) if need[3] else None
+        return grad_fx, grad_zz, grad_w, grad_b
 
 
 def shared_first_layer(fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """The first layer of a joint critic on (P+1)*B pairs whose x half repeats: fx [B, F] once, zz [(P+1)*B, K];
     weight [H, F + K], bias [H] -> [(P+1)*B, H] (row p*B + i pairs x_i with zz_{p*B+i})."""
     return _SharedFirstLayer.apply(fx, zz, weight, bias)
-
-
-def with_noise(h: Tensor, std: float, joint_rows: int = 0) -> Tensor:
-    """h + N(0, std^2) noise (h itself for std 0). With `joint_rows` = B > 0, h stacks B joint pairs over P*B
-    shuffled ones [(P+1)*B, ...]: the shuffled rows take independent draws and the joint rows reuse the first
-    shuffled block's (joint pair i shares its noise with its first shuffled twin)."""
-    if std == 0:
-        return h
-    eps = torch.randn(h.shape[0] - joint_rows, *h.shape[1:], device=h.device, dtype=h.dtype)
-    if joint_rows and eps.shape[0] == joint_rows:  # P = 1: both blocks add the one draw (broadcast, no copy)
-        return torch.add(h.view(2, joint_rows, *h.shape[1:]), eps, alpha=std).view(h.shape)
-    if joint_rows:
-        eps = torch.cat([eps[:joint_rows], eps])
-    return torch.add(h, eps, alpha=std)
-
-
-class _JointMLP(torch.autograd.Function):
-    """The joint critic's scores of (P+1)*B pairs in one autograd node: the noisy inputs, the shared first layer,
-    each hidden activation and its noise, the output layer; the backward written out by hand.
-
-    Used on the CPU, where its ELU (through exp) is the module's: the scores equal the module path's to the bit
-    (`JointCritic._scores_by_modules`: the same noise draws, in the same order, and the same operations) and the
-    gradients to rounding (tests/test_models.py). What it saves: autograd's bookkeeping for the MLP's nodes, and per
-    hidden layer the activation's derivative, so that its backward is one multiply (for ELU, e^min(h, 0) from the
-    forward, where torch's backward recomputes the exponential). The PI-MLP's MINE-IB step runs 1.024x as fast with
-    it as through the modules (median of 9 rounds, 0.98-1.04; 2 CPU cores, benchmarks/results/train_speed.md): a
-    small gain, as the matmuls dominate the step.
-
-    Inputs: fx [B, F], zz [(P+1)*B, K], the activation's name, the input and hidden noise stds (0 in eval mode),
-    then (weight, bias) of each Linear, first to output. Returns the scores [(P+1)*B].
-    """
-
-    @staticmethod
-    def forward(ctx: Any, fx: Tensor, zz: Tensor, activation: str, input_noise: float, hidden_noise: float,
-                *params: Tensor) -> Tensor:
-        b = fx.shape[0]
-        weights = params[0::2]
-        x_in = with_noise(fx, input_noise)  # [B, F]
-        z_in = with_noise(zz, input_noise, joint_rows=b)  # [(P+1)*B, K]
-        h = _first_layer(x_in, z_in, params[0], params[1])  # [(P+1)*B, H1]
-        acts, derivs = [], []
-        for weight, bias in zip(weights[1:], params[3::2]):
-            a, d = functional.activation_and_derivative(activation, h)
-            acts.append(with_noise(a, hidden_noise, joint_rows=b))  # [(P+1)*B, H]
-            derivs.append(d)
-            h = torch.addmm(bias, acts[-1], weight.t())
-        ctx.save_for_backward(x_in, z_in, *weights, *acts, *derivs)
-        ctx.hidden = len(acts)
-        return h.squeeze(-1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-        x_in, z_in, *rest = ctx.saved_tensors
-        n = ctx.hidden
-        weights, acts, derivs = rest[: n + 1], rest[n + 1: 2 * n + 1], rest[2 * n + 1:]
-        need = ctx.needs_input_grad
-        need_params = need[5:]
-        grads: list[Optional[Tensor]] = [None] * len(need_params)
-        g = grad.unsqueeze(1)  # [(P+1)*B, 1], the output layer's
-        for i in range(n, 0, -1):  # Linear i (the output layer: n) maps acts[i - 1] to g
-            if need_params[2 * i]:
-                grads[2 * i] = g.t() @ acts[i - 1]
-            if need_params[2 * i + 1]:
-                grads[2 * i + 1] = g.sum(0)
-            g = (g @ weights[i]).mul_(derivs[i - 1])  # [(P+1)*B, H_i], before hidden layer i's activation
-        grad_fx, grad_zz, grads[0], grads[1] = _first_layer_backward(g, x_in, z_in, weights[0],
-                                                                     (need[0], need[1], *need_params[:2]))
-        return grad_fx, grad_zz, None, None, None, *grads
 
 
 class JointCritic(Critic):
@@ -212,18 +131,25 @@ class JointCritic(Critic):
         super().__init__()
         self.x_branch = x_branch
         self.x_features = x_features
-        self.activation = activation
         self.input_noise = input_noise
         self.hidden_noise = hidden_noise
-        self.hand_backward = True  # pair_scores through `_JointMLP` where it applies; False: through the modules
         widths = (x_features + z_dim, *hidden)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.acts = nn.ModuleList(make_activation(activation) for _ in hidden)
         self.out = nn.Linear(hidden[-1], 1)
 
     def _noise(self, h: Tensor, std: float, joint_rows: int = 0) -> Tensor:
-        """`with_noise` in training mode, h itself in eval mode."""
-        return with_noise(h, std, joint_rows) if self.training else h
+        """h + N(0, std^2) noise in training mode. With `joint_rows` = B > 0, h stacks B joint pairs over P*B
+        shuffled ones [(P+1)*B, ...]: the shuffled rows take independent draws and the joint rows reuse the first
+        shuffled block's (joint pair i shares its noise with its first shuffled twin)."""
+        if not (self.training and std > 0):
+            return h
+        eps = torch.randn(h.shape[0] - joint_rows, *h.shape[1:], device=h.device, dtype=h.dtype)
+        if joint_rows and eps.shape[0] == joint_rows:  # P = 1: both blocks add the one draw (broadcast, no copy)
+            return torch.add(h.view(2, joint_rows, *h.shape[1:]), eps, alpha=std).view(h.shape)
+        if joint_rows:
+            eps = torch.cat([eps[:joint_rows], eps])
+        return torch.add(h, eps, alpha=std)
 
     def _from_first(self, h: Tensor, joint_rows: int = 0) -> Tensor:
         """Scores [...] from the pre-activation [..., H1] of the first hidden layer; `joint_rows` as in `_noise`."""
@@ -251,31 +177,14 @@ class JointCritic(Critic):
         0.0072 against 0.048 nats with independent draws on a random paper-sized critic, tests/test_models.py)
         and the noise costs B fewer normal draws per layer. The x draw is shared by all pairings of x_i, as the x
         half is computed once: with P > 1 it correlates the P shuffled scores of a row.
-
-        When training on the CPU in float32/float64 outside autocast, the MLP runs as one autograd node
-        (`_JointMLP`, a backward written by hand: once differentiable, so a gradient penalty on the critic needs
-        `hand_backward = False`); otherwise through the modules (`_scores_by_modules`), which give the same scores
-        to the bit and the same gradients to rounding.
         """
         b = x.shape[0]
-        fx = self.features(x)  # [B, F]
-        zz = torch.cat([z, z_shuffled])  # [(P+1)*B, K]
-        if (not self.hand_backward or not torch.is_grad_enabled() or fx.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu") or fx.dtype not in (torch.float32, torch.float64)):
-            t = self._scores_by_modules(fx, zz)  # autocast picks each operation's dtype
-        else:
-            noise = (self.input_noise, self.hidden_noise) if self.training else (0.0, 0.0)
-            params = [t for layer in (*self.layers, self.out) for t in (layer.weight, layer.bias)]
-            t = _JointMLP.apply(fx, zz, self.activation, *noise, *params)  # [(P+1)*B]
-        return t[:b], t[b:]
-
-    def _scores_by_modules(self, fx: Tensor, zz: Tensor) -> Tensor:
-        """`pair_scores` through the modules and autograd: fx [B, F], zz [(P+1)*B, K] -> [(P+1)*B]."""
-        b = fx.shape[0]
         first = self.layers[0]
-        x_in = self._noise(fx, self.input_noise)  # [B, F]
-        z_in = self._noise(zz, self.input_noise, joint_rows=b)  # [(P+1)*B, K]
-        return self._from_first(shared_first_layer(x_in, z_in, first.weight, first.bias), joint_rows=b)
+        fx = self._noise(self.features(x), self.input_noise)  # [B, F]
+        zz = self._noise(torch.cat([z, z_shuffled]), self.input_noise, joint_rows=b)  # [(P+1)*B, K]
+        h = shared_first_layer(fx, zz, first.weight, first.bias)  # [(P+1)*B, H1]
+        t = self._from_first(h, joint_rows=b)  # [(P+1)*B]
+        return t[:b], t[b:]
 
     def _all_pairs(self, fx: Tensor, z: Tensor) -> Tensor:
         # Cost: the MLP runs on all B * M pairs, so memory and time grow as B^2; fine for batches of a few

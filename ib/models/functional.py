@@ -1,5 +1,4 @@
-"""Elementwise functions whose CPU kernels in torch are not vectorised, computed through vectorised ones; and the
-hidden activations with their derivatives, for backward passes written by hand.
+"""Elementwise functions whose CPU kernels in torch are not vectorised, computed through vectorised ones.
 
 torch's CPU ELU and softplus call scalar `expm1` and `log1p` per element (benchmarks/cpu_kernels.py: 5.8x and 3.3x
 slower than these on 2 CPU cores). The paper's statistics network runs two ELUs on every pair each step and the
@@ -54,25 +53,6 @@ def _by_exp(x: Tensor) -> bool:
 def elu(x: Tensor) -> Tensor:
     """F.elu(x) (alpha 1)."""
     return _ELUByExp.apply(x) if _by_exp(x) else F.elu(x)
-
-
-def activation_and_derivative(name: str, h: Tensor) -> tuple[Tensor, Tensor]:
-    """act(h) and act'(h) elementwise for the hidden activations of `ib.models.encoders.Activation`, in
-    float32/float64 on the CPU (the joint critic's hand-written MLP saves the derivative so that its backward is
-    one multiply per layer). Values as the activation modules give them on the CPU (ELU as `elu` above, through
-    exp); the derivative at 0 is torch's (0 for ReLU, 1 for ELU). `h` is overwritten."""
-    if name == "elu":
-        d = h.clamp(max=0.0).exp_()  # e^min(h, 0): 1 where h > 0, e^h elsewhere
-        return (d - 1.0).add_(h.clamp_(min=0.0)), d
-    if name == "relu":
-        d = (h > 0).to(h.dtype)
-        return h.clamp_(min=0.0), d
-    if name == "tanh":
-        a = h.tanh_()
-        return a, torch.mul(a, a).neg_().add_(1.0)
-    if name == "gelu":
-        return F.gelu(h), torch.ops.aten.gelu_backward(torch.ones_like(h), h)
-    raise ValueError(f"unknown activation {name!r}; expected one of: elu, gelu, relu, tanh")
 
 
 def softplus(x: Tensor) -> Tensor:
