@@ -209,7 +209,7 @@ def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
     body = nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                          nn.Linear(1024, 512)).to(device)
     decoder = nn.Linear(256, 10).to(device)
-    first, second, out = nn.Linear(784 + 256, 512).to(device), nn.Linear(512, 512).to(device), nn.Linear(512, 1).to(device)
+    first, second, out = (nn.Linear(a, b).to(device) for a, b in ((784 + 256, 512), (512, 512), (512, 1)))
     opt = torch.optim.Adam([*body.parameters(), *decoder.parameters()], lr=1e-4, betas=(0.5, 0.999))
     critic_opt = torch.optim.Adam([*first.parameters(), *second.parameters(), *out.parameters()], lr=2e-4,
                                   betas=(0.5, 0.999))
