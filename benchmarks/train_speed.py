@@ -175,25 +175,35 @@ def counted_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[f
     return flops / len(y), matmuls
 
 
-def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
-                   device: torch.device, precision: Precision) -> Callable[[], None]:
-    """`steps` of the textbook loop: index a batch of in-memory tensors, forward (under bf16 autocast for
-    --precision bf16), CE, backward, Adam."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+def in_memory_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device,
+                   step: Callable[[torch.Tensor, torch.Tensor], None]) -> Callable[[], None]:
+    """`steps` batches of the in-memory uint8 images x and labels y, in a fresh random order on each call, each
+    indexed, scaled to [0, 1] and passed to `step`: the plain loops' data path."""
     g = torch.Generator().manual_seed(0)
 
     def run() -> None:
         order = torch.randperm(len(y), generator=g).to(device)
         for i in range(steps):
             idx = order[i * batch:(i + 1) * batch]
-            xb = x[idx].float().div_(255.0)
-            with autocast(device, precision):
-                loss = F.cross_entropy(model(xb), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(x[idx].float().div_(255.0), y[idx])
 
     return run
+
+
+def reference_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int,
+                   device: torch.device, precision: Precision) -> Callable[[], None]:
+    """`steps` of the textbook loop: index a batch of in-memory tensors, forward (under bf16 autocast for
+    --precision bf16), CE, backward, Adam."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return in_memory_loop(x, y, batch, steps, device, step)
 
 
 def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, device: torch.device,
@@ -214,7 +224,7 @@ def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
     critic_opt = torch.optim.Adam([*first.parameters(), *second.parameters(), *out.parameters()], lr=2e-4,
                                   betas=(0.5, 0.999))
     state = {"log_ema": None}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(1)  # the marginal's shifts
 
     def noisy(h: torch.Tensor, std: float) -> torch.Tensor:  # [2B, H]: one draw for both halves
         eps = torch.randn(h.shape[0] // 2, h.shape[1], device=h.device, dtype=h.dtype)
@@ -246,14 +256,8 @@ def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
         opt.step()
         critic_opt.step()
 
-    def run() -> None:
-        order = torch.randperm(len(y), generator=g).to(device)
-        for i in range(steps):
-            idx = order[i * batch:(i + 1) * batch]
-            step(x[idx].float().div_(255.0), y[idx])
-
     flops, _ = counted(lambda: step(x[:batch].float().div(255.0), y[:batch]))
-    return run, flops / batch
+    return in_memory_loop(x, y, batch, steps, device, step), flops / batch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
