@@ -48,6 +48,7 @@ from ib.recipe import Precision, load_recipe  # noqa: E402
 from ib.train import StepStats, autocast, build_run, train_one_epoch, train_step  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
+NOISE_OFF = ["mi.critic.input_noise=0", "mi.critic.hidden_noise=0"]
 
 
 def cpu_name() -> str:
@@ -359,6 +360,9 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     b = 100
     ib0 = ib_loop(recipe, plain, args.steps, device, args.precision)
     mine = ib_loop(recipe, [*data, "beta=1e-3"], args.steps, device, args.precision)
+    # An ablation, not a setting to train with: the MINE-IB loop with the critic's Gaussian noise off, to weigh
+    # what drawing and adding the noise costs (it adds no FLOPs).
+    quiet = ib_loop(recipe, [*data, "beta=1e-3", *NOISE_OFF], args.steps, device, args.precision)
     flops0, flops_mine = ib0.flops, mine.flops
     x = ib0.run.data.train.x[: args.steps * b].to(device)
     y = ib0.run.data.train.y[: args.steps * b].to(device)
@@ -374,7 +378,8 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     peak_loops = {name: mm_loop(shapes, device, dtype) for name, shapes in (
         ("mm_ref", ref_matmuls), ("mm0", ib0.matmuls), ("mm_mine", mine.matmuls),
         ("mm_mine_old", linear_step_shapes(mine.run.model, b) + linear_step_shapes(mine.run.estimator, 2 * b)))}
-    times = timed_together({"ref": ref_loop, "ib0": ib0.epoch, "mine": mine.epoch, "ref_mine": ref_mine_loop,
+    times = timed_together({"ref": ref_loop, "ib0": ib0.epoch, "mine": mine.epoch, "quiet": quiet.epoch,
+                            "ref_mine": ref_mine_loop,
                             "square": square,
                             **{k: fn for k, (fn, _) in peak_loops.items()}}, device, args.repeats)
     seconds = {k: statistics.median(v) for k, v in times.items()}
@@ -389,6 +394,8 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
     epoch_ratio = per_round(times, lambda t: t["mine"] / t["ib0"])
     ref_epoch_ratio = per_round(times, lambda t: t["ref_mine"] / t["ref"])
     mine_vs_ref = per_round(times, lambda t: t["ref_mine"] / t["mine"])
+    quiet_vs_mine = per_round(times, lambda t: t["quiet"] / t["mine"])
+    quiet_ratio = per_round(times, lambda t: t["quiet"] / t["ib0"])
     fixed0, fixed_mine = fixed_costs(recipe, plain, data, device, args)
     fm_ours, fm_tv = data_rates(mine.run, Path(args.fashion_root), b, args.data_batches, device, args.repeats)
 
@@ -421,6 +428,11 @@ def mlp_section(args, device: torch.device, lines: List[str]) -> None:
         f"{spread(util_mine, '.2f')}; MINE-IB / beta=0 epoch {spread(epoch_ratio, '.2f')}; plain MINE-IB / plain "
         f"CE epoch {spread(ref_epoch_ratio, '.2f')}; ib MINE-IB speed / plain MINE-IB speed "
         f"{spread(mine_vs_ref, '.2f')}.",
+        "",
+        f"Ablation (not a setting to train with): the MINE-IB loop with the critic's noise off ("
+        f"{' '.join(NOISE_OFF)}) takes {spread(quiet_vs_mine, '.2f')} of the MINE-IB epoch's time and "
+        f"{spread(quiet_ratio, '.2f')}x the beta=0 epoch's, round by round: drawing and adding the noise costs "
+        f"the rest (torch's CPU normal sampler is serial).",
         "",
         f"Before 2026-11-28 the peak was timed at three products per Linear layer (forward, input and weight "
         f"gradients, the critic's first layer unsplit), not at the products the step runs: "

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ib.models.critics import CRITICS
+from ib.recipe import load_recipe
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -61,7 +64,7 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
     assert "Command: `python benchmarks/train_speed.py --steps 2 --repeats 2" in text
     assert f"batch 100), {precision}" in text and ("torch.bfloat16" in text) == (precision == "bf16")
     ranges = re.findall(r"(\d+\.\d+) \(rounds (\d+\.\d+)-(\d+\.\d+)\)", text)
-    assert len(ranges) == 5 and all(float(lo) <= float(mid) <= float(hi) for mid, lo, hi in ranges)
+    assert len(ranges) == 7 and all(float(lo) <= float(mid) <= float(hi) for mid, lo, hi in ranges)
     fixed = re.search(r"beta=0 (\d+\.\d+) ms, MINE-IB (\d+\.\d+) ms", text)
     assert fixed and 0 < float(fixed[1]) < float(fixed[2])  # MINE's step does strictly more
     for row in ("| plain PyTorch reference (CE, torch's default Adam) |", "| ib, beta=0 (deterministic, no critic) |",
@@ -73,6 +76,15 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
              for row in ("| ib, MINE-IB (paper critic) |", "| plain PyTorch MINE-IB (the same algorithm, torch alone) |")}
     assert len(set(flops.values())) == 1 and float(flops["| ib, MINE-IB (paper critic) |"][:-2]) > 18  # same arithmetic
     assert "(FLOP ratio 1.7" in text
+    assert "critic's noise off (mi.critic.input_noise=0 mi.critic.hidden_noise=0) takes" in text
+
+
+def test_noise_ablation_turns_the_critics_noise_off():
+    bench = _load("train_speed")
+    recipe = load_recipe(BENCHMARKS.parent / "recipes" / "fashion_mnist.yaml", bench.NOISE_OFF)
+    critic = CRITICS.create(recipe.mi.critic.name, (1, 28, 28), 256, **recipe.mi.critic.options).train()
+    x, z = torch.rand(4, 1, 28, 28), torch.randn(4, 256)
+    assert torch.equal(critic(x, z), critic(x, z))  # in training mode, so only the absence of noise makes it repeat
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
