@@ -209,6 +209,20 @@ def test_estimators_stay_finite_on_extreme_critic_outputs(name, scale):
         assert torch.isfinite(buffer).all()
 
 
+def test_mine_penalty_against_a_stale_average_stays_finite():
+    # The average is set on mild scores; the penalty then meets scores 1e4 above it, where e^(lme - log_ema)
+    # overflows float32: exp_capped keeps the value and the gradient finite (the tangent beyond the cap).
+    est = MINE(_ConstCritic())
+    est.loss(None, torch.zeros(4, 1))  # log_ema = 0
+    est.critic.t = (torch.zeros(4), torch.full((4,), 1e4))
+    penalty = est.penalty(None, torch.zeros(4, 1))
+    penalty.backward()
+    cap = math.exp(30.0)
+    torch.testing.assert_close(penalty, torch.tensor(-cap * (1.0 + 1e4 - 30.0) + 1.0))
+    # dE_P/dw - d(tangent)/dw; float32 scores near 1e4 carry a rounding of 5e-4 into logsumexp's weights
+    torch.testing.assert_close(est.critic.w.grad, torch.tensor(1.0 - cap), rtol=1e-3, atol=0.0)
+
+
 def test_exp_capped_is_exp_below_the_cap_and_its_tangent_above():
     u = torch.tensor([-50.0, 0.0, 10.0, 29.0], requires_grad=True)
     torch.testing.assert_close(exp_capped(u), u.detach().exp())

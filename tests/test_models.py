@@ -92,12 +92,24 @@ def test_resnet18_cifar_structure():
 def test_bottleneck_shape_and_backward(name, shape):
     b = _bottleneck(name, shape)
     assert b.z_dim == K
-    for sample in (True, False):
+    for sample in (False, True):
         code = b(torch.rand(3, *shape), sample=sample)
         assert code.z.shape == (3, K)
         assert torch.isfinite(code.z).all()
-    _assert_backward(b, code.z)
+    _assert_backward(b, code.z)  # through the sampled code
     assert b.sample_z(torch.rand(3, *shape), 4).shape == (4, 3, K)
+
+
+def test_gaussian_code_is_reparameterised():
+    # z = mean + std * eps: d(w . z)/d mean = w and d(w . z)/d std = w * eps, with eps = (z - mean) / std.
+    torch.manual_seed(0)
+    code = _bottleneck("gaussian")(torch.rand(3, 1, 8, 8))
+    code.mean.retain_grad()
+    code.std.retain_grad()
+    w = torch.randn(3, K)
+    (w * code.z).sum().backward()
+    torch.testing.assert_close(code.mean.grad, w)
+    torch.testing.assert_close(code.std.grad, w * (code.z - code.mean).detach() / code.std.detach())
 
 
 @pytest.mark.parametrize("name", BOTTLENECKS.names())
@@ -210,6 +222,16 @@ def test_critic_shapes_and_pairs(name, shape, branch):
     joint_t, marg_t = critic.pair_scores(x, z, z2)
     torch.testing.assert_close(joint_t, t)
     torch.testing.assert_close(marg_t, critic(x, z2))
+
+
+def test_joint_critic_noisy_all_pairs_pair_row_i_with_column_j():
+    # In training with input noise, scores() tiles the B x M pairs (each needs its own draw); with a vanishing
+    # noise they must equal the eval-mode scores, whose row i is x_i and column j is z_j.
+    critic = _critic("joint", (1, 8, 8), input_noise=1e-12, hidden_noise=0.0)
+    x, z = torch.rand(5, 1, 8, 8), torch.randn(4, K)
+    noisy = critic.train().scores(x, z)
+    torch.testing.assert_close(noisy, critic.eval().scores(x, z))
+    assert noisy.shape == (5, 4) and not torch.allclose(noisy, noisy[:, :1].expand(5, 4))  # columns differ
 
 
 @pytest.mark.parametrize("name", CRITICS.names())
