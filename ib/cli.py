@@ -115,9 +115,11 @@ def _eval(args: argparse.Namespace) -> int:
                                 loss=args.loss)
     report = evaluate_run(args.checkpoint, overrides)
     failed = [c["name"] for c in report["checks"] if c["passed"] is False]
-    log.info("done: clean accuracy %s on %d %s samples, %.1f s; checks %s; wrote eval.json, robustness.csv and "
+    of = report["robust_accuracy_of"]
+    robust = f"; robust accuracy {of['accuracy']:.4f} ({of['variant']}, {of['attack']} at eps {of['eps']:g})" if of else ""
+    log.info("done: clean accuracy %s on %d %s samples%s, %.1f s; checks %s; wrote eval.json, robustness.csv and "
              "robustness.png beside %s", ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in report["clean"].items()),
-             report["n"], report["split"], report["wall_seconds"],
+             report["n"], report["split"], robust, report["wall_seconds"],
              f"FAILED: {', '.join(failed)}" if failed else "passed", report["checkpoint"])
     return 0
 

@@ -105,7 +105,8 @@ def _row(run: SweepRun) -> Dict[str, Any]:
 
 
 def _robust_accuracy(run_dir: Path) -> Optional[float]:
-    """The headline robust accuracy of `ib eval` when the run was evaluated (its `eval.json`)."""
+    """The headline robust accuracy of `ib eval` (`ib.evaluate.headline_robust_accuracy`) when the run was
+    evaluated (its `eval.json`)."""
     try:
         data = json.loads((run_dir / "eval.json").read_text())
     except (OSError, ValueError):

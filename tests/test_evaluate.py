@@ -76,6 +76,19 @@ def test_sanity_checks_hold_on_a_small_trained_model(loaded):
     assert at[("pgd_linf", "mean", 0.0)] == clean["mean"]["accuracy"]  # exactly: common random numbers
     assert at[("eot_pgd", "sampled", 0.0)] == clean["sampled"]["accuracy"]
     assert at[("pgd_linf", "mean", 0.2)] < at[("pgd_linf", "mean", 0.05)] < clean["mean"]["accuracy"]
+    # The headline: the sampled model (behind the run's test accuracy) under its strongest L-inf attack at eps 0.2.
+    worst = min(("fgsm", "pgd_linf", "eot_pgd"), key=lambda a: at[(a, "sampled", 0.2)])
+    assert report["robust_accuracy_of"] == {"accuracy": at[(worst, "sampled", 0.2)], "attack": worst,
+                                            "variant": "sampled", "eps": 0.2}
+    assert report["robust_accuracy"] == at[(worst, "sampled", 0.2)] < clean["sampled"]["accuracy"]
+
+
+def test_eot_pgd_without_draws_of_z_is_reported_as_not_run(loaded, caplog):
+    split = _test_split(loaded, 50)
+    report = evaluate_model(loaded.model, split, **{**FAST, "samples": 0}, attacks=["eot_pgd"], eps=[0.1])
+    assert report["settings"]["attacks"] == [] and report["robustness"] == []
+    assert any("eot_pgd not run" in n for n in report["notes"]) and "eot_pgd not run" in caplog.text
+    assert report["robust_accuracy"] is None and report["robust_accuracy_of"] is None
 
 
 def test_evaluation_restores_modes_and_leaves_the_global_rng_alone(loaded):

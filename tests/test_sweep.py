@@ -44,12 +44,19 @@ def test_sweep_folder_csv_plots_and_hparams(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sweep = tmp_path / "sweep"
-    assert main(["sweep", str(DIGITS), "--beta", "0,1e-2", "--seeds", "0", *SMALL, "--sweep-dir", str(sweep)]) == 0
+    evaluation = ["eval.enabled=true", "eval.limit=50", "eval.steps=2", "eval.attacks=[pgd_linf]", "eval.eps=[0.1]",
+                  "eval.check_samples=0"]
+    assert main(["sweep", str(DIGITS), "--beta", "0,1e-2", "--seeds", "0", *SMALL, *evaluation,
+                 "--sweep-dir", str(sweep)]) == 0
     rows = read_csv(sweep / "sweep.csv")
     assert [(r["beta"], r["seed"], r["status"]) for r in rows] == [(0.0, 0.0, "completed"), (0.01, 0.0, "completed")]
     for r in rows:
         assert 0.25 < r["test_accuracy"] <= 1.0 and isinstance(r["I_XZ"], float)  # chance is 0.1
         assert (sweep / r["run"] / "metrics.json").is_file() and (sweep / r["run"] / "last.pt").is_file()
+        report = json.loads((sweep / r["run"] / "eval.json").read_text())
+        at_eps = [x["accuracy"] for x in report["robustness"] if x["threat"] == "linf" and x["eps"] == 0.1]
+        assert len(at_eps) == 2  # pgd_linf and its fgsm reference, on the mean code alone (eval_samples=0)
+        assert r["robust_accuracy"] == report["robust_accuracy"] == min(at_eps)
     for png in ("ib_curve.png", "accuracy_vs_beta.png"):
         assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
     acc = EventAccumulator(str(sweep / rows[1]["run"]), size_guidance={"tensors": 0})
