@@ -6,7 +6,9 @@
       accuracy_vs_beta.png      test accuracy against beta
       beta_<b>_seed_<s>/        a run folder as `ib train` writes it, plus the run's TensorBoard HParams
 
-Running the same command again skips finished runs and resumes an unfinished one from its `last.pt`.
+Running the same command again skips finished runs and resumes an unfinished one from its `last.pt`, with the
+recipe saved there. Only `epochs` may differ from it (a finished run then trains on to the new count); any other
+difference stops the sweep before it trains anything.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ib.checkpoint import atomic_write
 from ib.errors import ConfigError, IBError
-from ib.recipe import Recipe, read_recipe_file, recipe_from_dict
+from ib.recipe import Recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def parse_list(text: str, what: str, kind: Callable[[str], Any] = float) -> List
 
 
 def run_name(beta: float, seed: int) -> str:
+    """The run folder's name: beta to 6 significant digits (`plan_sweep` refuses betas that share a name)."""
     return f"beta_{beta:g}_seed_{seed}"
 
 
@@ -73,28 +76,107 @@ def plan_sweep(recipe_path: str | Path, betas: Sequence[float], seeds: Sequence[
                sweep_dir: Path) -> List[SweepRun]:
     """Check every run's recipe before any work starts (a bad override fails the sweep, not its fifth run)."""
     raw = read_recipe_file(recipe_path)
-    runs = []
+    runs: List[SweepRun] = []
+    betas_by_name: Dict[str, float] = {}
     for beta in betas:
         for seed in seeds:
             name = run_name(beta, seed)
+            if name in betas_by_name:
+                raise ConfigError(f"--beta: {betas_by_name[name]!r} and {beta!r} would share the run folder {name}; "
+                                  f"betas must differ within 6 significant digits")
+            betas_by_name[name] = beta
             recipe = recipe_from_dict(raw, [*overrides, f"beta={beta!r}", f"seed={seed}", f"name={name}"],
                                       source=str(recipe_path))
             runs.append(SweepRun(beta, seed, recipe, sweep_dir / name))
     return runs
 
 
-def _status(run_dir: Path) -> Optional[str]:
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _changes(saved: Recipe, planned: Recipe) -> List[str]:
+    """The settings in which `planned` differs from `saved`, as `key: old -> new`, in recipe order."""
+    old, new = _flatten(recipe_to_dict(saved)), _flatten(recipe_to_dict(planned))
+    keys = list(old) + [k for k in new if k not in old]
+    unset = "(unset)"  # a key of one component's options that the other component has not
+    return [f"{k}: {old.get(k, unset)} -> {new.get(k, unset)}" for k in keys if old.get(k, unset) != new.get(k, unset)]
+
+
+def _saved_recipe(run: SweepRun) -> Recipe:
+    """The recipe in the run folder's `last.pt` with the planned epochs, as `ib train --resume DIR epochs=N` takes
+    it (`resume_recipe`: epochs is the one setting a resumed run may change, and never below those trained).
+
+    Raises:
+        ConfigError: the run was trained with other settings than the planned ones.
+        CheckpointError: `last.pt` is unreadable.
+    """
+    from ib.train import resume_recipe  # torch is imported once the plan is checked
+
     try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status")
+        saved = resume_recipe(run.run_dir, [f"epochs={run.recipe.epochs}"])
+    except ConfigError as e:
+        raise ConfigError(f"sweep run {run.name}: {e}; {_start_afresh(run)}") from None
+    changes = _changes(saved, run.recipe)
+    if changes:
+        raise ConfigError(f"sweep run {run.name} was trained with other settings ({'; '.join(changes)}); only "
+                          f"epochs may change when a sweep is run again: {_start_afresh(run)}")
+    return saved
+
+
+def _start_afresh(run: SweepRun) -> str:
+    return f"use a new --sweep-dir, or delete {run.run_dir} to train it again"
+
+
+def _checked(run: SweepRun) -> SweepRun:
+    """`run` with the recipe saved in its folder when it has a checkpoint; see `check_existing_runs`."""
+    if (run.run_dir / "last.pt").exists():
+        return replace(run, recipe=_saved_recipe(run))
+    if _status(run.run_dir) == "completed":
+        raise ConfigError(f"sweep run {run.name} is marked completed but has no last.pt to check its settings "
+                          f"against; {_start_afresh(run)}")
+    return run
+
+
+def check_existing_runs(runs: Sequence[SweepRun]) -> List[SweepRun]:
+    """The runs, each one already checkpointed in its folder with the recipe saved there (and the planned epochs).
+
+    Checks every run before any is trained, so a changed override fails the sweep, not its fifth run.
+
+    Raises:
+        ConfigError: a run in the sweep folder was trained with other settings than planned (but epochs), or is
+            marked completed without the `last.pt` that records them.
+    """
+    return [_checked(run) for run in runs]
+
+
+def _metrics_json(run_dir: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _status(run_dir: Path) -> Optional[str]:
+    return _metrics_json(run_dir).get("status")
+
+
+def _finished(run: SweepRun) -> bool:
+    """Completed, with as many epochs as planned (a finished run asked for more epochs trains on)."""
+    m = _metrics_json(run.run_dir)
+    return m.get("status") == "completed" and m.get("epochs") == run.recipe.epochs
 
 
 def _row(run: SweepRun) -> Dict[str, Any]:
-    try:
-        m = json.loads((run.run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        m = {}
+    m = _metrics_json(run.run_dir)
     row = {"run": run.name, "beta": run.beta, "seed": run.seed, "status": m.get("status", "missing")}
     for key in COLUMNS[4:]:
         row[key] = m.get(key, "")
@@ -179,7 +261,7 @@ def train_with_torchrun(run: SweepRun, recipe_path: str | Path, overrides: Seque
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
            "-m", "ib", "train"]
     if resume:
-        cmd += ["--resume", str(run.run_dir)]
+        cmd += ["--resume", str(run.run_dir), f"epochs={run.recipe.epochs}"]
     else:
         cmd += [str(recipe_path), *overrides, f"beta={run.beta!r}", f"seed={run.seed}", f"name={run.name}",
                 "--run-dir", str(run.run_dir), "--overwrite"]
@@ -219,7 +301,7 @@ def run_sweep(
         base = recipe_from_dict(read_recipe_file(recipe_path), overrides, source=str(recipe_path))
         sweep_dir = Path(base.output_dir) / f"{base.name}_sweep"
     sweep_dir = Path(sweep_dir)
-    runs = plan_sweep(recipe_path, betas, seeds, overrides, sweep_dir)
+    runs = check_existing_runs(plan_sweep(recipe_path, betas, seeds, overrides, sweep_dir))
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -227,11 +309,12 @@ def run_sweep(
     units = runs[0].recipe.monitor.units
     rows: Dict[str, Dict[str, Any]] = {r.name: _row(r) for r in runs}
     for i, run in enumerate(runs, 1):
-        status = _status(run.run_dir)
-        if status == "completed":
+        if _finished(run):
+            status = "completed"
             log.info("[%d/%d] %s: done, skipped", i, len(runs), run.name)
         else:
             resume = (run.run_dir / "last.pt").exists()
+            (run.run_dir / ".hparams_written").unlink(missing_ok=True)  # a finished run training on: new figures
             log.info("[%d/%d] %s: %s", i, len(runs), run.name, "resuming" if resume else "training")
             if nproc_per_node > 1:
                 status = train_with_torchrun(run, recipe_path, overrides, nproc_per_node, resume)

@@ -13,7 +13,7 @@ import pytest
 
 from ib.cli import main
 from ib.errors import ConfigError
-from ib.sweep import parse_list, read_csv, run_sweep
+from ib.sweep import SweepRun, parse_list, plan_sweep, read_csv, run_sweep, train_with_torchrun
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"
@@ -84,6 +84,100 @@ def test_killed_sweep_skips_finished_runs(tmp_path):
     rows = run_sweep(DIGITS, [0.0, 1.0], [0], [*SMALL, "epochs=6"], sweep)
     assert (first / "last.pt").stat().st_mtime_ns == done_at  # not trained again
     assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+def test_plan_names_runs_readably(tmp_path):
+    runs = plan_sweep(DIGITS, [0.0, 1e-3, 0.01], [0, 1], SMALL, tmp_path)
+    assert [r.name for r in runs] == ["beta_0_seed_0", "beta_0_seed_1", "beta_0.001_seed_0", "beta_0.001_seed_1",
+                                      "beta_0.01_seed_0", "beta_0.01_seed_1"]
+    assert [(r.recipe.beta, r.recipe.seed, r.recipe.name) for r in runs[2:4]] == [
+        (1e-3, 0, "beta_0.001_seed_0"), (1e-3, 1, "beta_0.001_seed_1")]
+
+
+def test_betas_sharing_a_run_folder_are_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"0\.001 and 0\.0010000001 would share the run folder beta_0\.001_seed_0"):
+        plan_sweep(DIGITS, [1e-3, 0.0010000001], [0], SMALL, tmp_path)
+    assert main(["sweep", str(DIGITS), "--beta", "0,1e-3,0.0010000001", *SMALL, "--sweep-dir",
+                 str(tmp_path / "s")]) == 2
+    assert "0.001 and 0.0010000001" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before any run was trained
+
+
+def _history_lrs(run_dir):
+    return [float(r["lr"]) for r in read_csv(run_dir / "history.csv")]
+
+
+def test_unfinished_run_resumes_only_with_its_own_recipe(tmp_path):
+    """An `ib train` run stopped after epoch 1 of 3 in the sweep folder: a sweep with another learning rate is
+    refused before it trains; the same sweep with more epochs resumes the run with its saved recipe."""
+    from ib.recipe import load_recipe
+    from ib.train import fit
+
+    sweep = tmp_path / "sweep"
+    run_dir = sweep / "beta_0_seed_0"
+    recipe = load_recipe(DIGITS, [*SMALL, "epochs=3", "beta=0.0", "seed=0", "name=beta_0_seed_0"])
+    assert fit(recipe, run_dir, stop_after=1)["status"] == "stopped"
+    stopped_at = (run_dir / "last.pt").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"sweep run beta_0_seed_0 was trained with other settings "
+                                          r"\(optimizer\.lr: 0\.001 -> 0\.05\).*new --sweep-dir"):
+        run_sweep(DIGITS, [0.0], [0], [*SMALL, "epochs=3", "optimizer.lr=0.05"], sweep)
+    assert (run_dir / "last.pt").stat().st_mtime_ns == stopped_at  # nothing trained
+    assert _history_lrs(run_dir) == [0.001]
+
+    rows = run_sweep(DIGITS, [0.0], [0], [*SMALL, "epochs=4"], sweep)
+    assert [(r["status"], r["epochs"]) for r in rows] == [("completed", 4)]
+    assert _history_lrs(run_dir) == [0.001] * 4
+    saved = load_recipe(run_dir / "recipe.yaml")
+    assert (saved.optimizer.lr, saved.epochs) == (0.001, 4)
+
+
+def test_finished_run_with_other_settings_is_not_reported_as_new(tmp_path):
+    """A finished run is skipped only when the sweep asks for what it was trained with; more epochs train it on,
+    fewer, or any other change, stop the sweep before it trains anything."""
+    sweep = tmp_path / "sweep"
+    run_dir = sweep / "beta_0_seed_0"
+    run_sweep(DIGITS, [0.0], [0], SMALL, sweep)  # epochs=2
+    done_at = (run_dir / "last.pt").stat().st_mtime_ns
+    for change, words in [(["model.bottleneck.z_dim=4"], r"model\.bottleneck\.z_dim: 8 -> 4"),
+                          (["epochs=1"], "epochs=1 is fewer than the 2 epochs")]:
+        with pytest.raises(ConfigError, match=f"sweep run beta_0_seed_0.*{words}"):
+            run_sweep(DIGITS, [0.0, 1.0], [0], [*SMALL, *change], sweep)
+    assert (run_dir / "last.pt").stat().st_mtime_ns == done_at
+    assert not (sweep / "beta_1_seed_0").exists()  # the check comes before any run is trained
+
+    rows = run_sweep(DIGITS, [0.0], [0], [*SMALL, "epochs=3"], sweep)
+    assert [(r["status"], r["epochs"]) for r in rows] == [("completed", 3)]
+    assert len(read_csv(run_dir / "history.csv")) == 3
+
+
+def test_finished_run_without_its_checkpoint_is_refused(tmp_path):
+    run_dir = tmp_path / "beta_0_seed_0"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "completed", "epochs": 2}))
+    with pytest.raises(ConfigError, match="beta_0_seed_0 is marked completed but has no last.pt"):
+        run_sweep(DIGITS, [0.0], [0], SMALL, tmp_path)
+
+
+def test_torchrun_resumes_with_the_planned_epochs(tmp_path, monkeypatch):
+    """The torchrun path resumes as `ib train --resume DIR epochs=N`, as the single-process path does."""
+    from ib.recipe import load_recipe
+
+    run_dir = tmp_path / "beta_0_seed_0"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    commands = []
+
+    class Child:
+        def __init__(self, cmd, env):
+            commands.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    run = SweepRun(0.0, 0, load_recipe(DIGITS, [*SMALL, "epochs=5"]), run_dir)
+    assert train_with_torchrun(run, DIGITS, SMALL, 2, resume=True) == "completed"
+    assert commands[0][-3:] == ["--resume", str(run_dir), "epochs=5"]
 
 
 def _free_port():
