@@ -682,7 +682,13 @@ def robustness_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any
 def write_outputs(run_dir: Path, report: Mapping[str, Any], *, tensorboard: bool = True) -> None:
     """`eval.json`, `robustness.csv`, `robustness.png`, and TensorBoard (tags `robust/<attack>/<variant>`, with
     `<attack>_margin` for the margin loss, step = round(1000 * eps); clean metrics under `eval/...` and the figure
-    at the checkpoint's epoch)."""
+    at the checkpoint's epoch).
+
+    The TensorBoard events go to their own run, `<run_dir>/eval/<checkpoint stem>/` (see `eval_log_dir`): in the
+    run folder itself, a resumed training's writer (which purges steps after the resumed epoch) would delete the
+    eps-indexed points. Evaluating the same checkpoint again replaces its previous events instead of adding a second
+    point at every step.
+    """
     import csv
     import io
 
@@ -704,7 +710,11 @@ def write_outputs(run_dir: Path, report: Mapping[str, Any], *, tensorboard: bool
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir))
+        log_dir = eval_log_dir(run_dir, report["checkpoint"])
+        log_dir.mkdir(parents=True, exist_ok=True)
+        # The previous evaluation's event files, removed once this one is written (so a failure keeps them).
+        stale = [f for f in log_dir.glob("events.out.tfevents.*") if f.is_file()]
+        writer = SummaryWriter(str(log_dir))
         try:
             for r in report["robustness"]:
                 attack = r["attack"] + ("_margin" if r.get("loss") == "margin" else "")  # another attack's curve
@@ -719,3 +729,11 @@ def write_outputs(run_dir: Path, report: Mapping[str, Any], *, tensorboard: bool
             writer.add_text("eval/checks", "\n".join(lines), epoch)
         finally:
             writer.close()
+        for f in stale:
+            f.unlink(missing_ok=True)
+
+
+def eval_log_dir(run_dir: str | Path, checkpoint: str | Path) -> Path:
+    """The TensorBoard folder of an evaluation of `checkpoint`: `<run_dir>/eval/<checkpoint stem>`, a run of its own
+    beside the training run (`tensorboard --logdir` on the run folder shows both), one per checkpoint evaluated."""
+    return Path(run_dir) / "eval" / Path(checkpoint).stem

@@ -150,12 +150,45 @@ def test_cli_eval_writes_every_output(run_dir):
     assert {"attack", "variant", "eps", "accuracy", "accuracy_per_draw"} <= set(rows[0])
     assert len(rows) == len(report["robustness"])
     assert (run_dir / "robustness.png").stat().st_size > 1000
-    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc = EventAccumulator(str(run_dir / "eval" / "best"), size_guidance={"images": 0})  # a run of its own
     acc.Reload()
     tags = acc.Tags()
     assert {"robust/pgd_linf/mean", "robust/eot_pgd/sampled", "eval/accuracy/mean"} <= set(tags["scalars"])
     assert [e.step for e in acc.Scalars("robust/pgd_linf/mean")] == [0, 50, 100]  # step = 1000 * eps
     assert "robust/accuracy_vs_eps" in tags["images"]
+    training = EventAccumulator(str(run_dir))
+    training.Reload()
+    assert not any(t.startswith(("robust/", "eval/")) for t in training.Tags()["scalars"])
+
+
+def _scalar_steps(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_eval_events_survive_a_training_resume_and_a_repeated_eval(tmp_path):
+    run = tmp_path / "run"
+    fit(load_recipe(DIGITS, [*SMALL, "epochs=1"]), run)
+    training_events = sorted(run.glob("events.out.tfevents.*"))
+    best = run / "eval" / "best"
+    best.mkdir(parents=True)
+    (best / "notes.txt").write_text("mine")  # not an event file: stays
+    args = ["--attacks", "pgd_linf", "--eps", "0.05,0.1", "--steps", "2", "--limit", "40", "--samples", "0"]
+    for target in (run, run, run / "last.pt"):  # best.pt twice (the second replaces the first), then last.pt
+        assert main(["eval", str(target), *args]) == 0
+    assert sorted(run.glob("events.out.tfevents.*")) == training_events
+    assert len(list(best.glob("events.out.tfevents.*"))) == 1 and (best / "notes.txt").read_text() == "mine"
+
+    # Training longer purges the training run's steps after epoch 1, and nothing of the evaluations.
+    assert main(["train", "--resume", str(run), "epochs=2"]) == 0
+    for name in ("best", "last"):
+        assert _scalar_steps(run / "eval" / name, "robust/pgd_linf/mean") == [0, 50, 100]
+        assert _scalar_steps(run / "eval" / name, "robust/fgsm/mean") == [0, 50, 100]
+        assert _scalar_steps(run / "eval" / name, "eval/accuracy/mean") == [1]
+    assert _scalar_steps(run, "loss/ce") == [1, 2]
 
 
 @pytest.mark.parametrize("args, message", [
