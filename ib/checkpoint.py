@@ -16,10 +16,26 @@ class WriteError(IBError, OSError):
     """A run file could not be written (disk full, folder not writable); the previous version of it is intact."""
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status, since 4.7);
+    elsewhere set and restored at once, briefly to 0o077, which only ever makes a concurrent file more private."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Any) -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    A crash or a full disk leaves the previous `path` as it was; the temporary file is removed on failure.
+    A crash or a full disk leaves the previous `path` as it was; the temporary file is removed on failure. The file
+    gets the mode a plain `open()` would give it, 0666 less the umask.
 
     Raises:
         WriteError: the operating system refused (no space, no permission, ...); the message says so in one line.
@@ -31,6 +47,14 @@ def atomic_write(path: str | Path, write: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            # mkstemp makes the file 0600 and the rename keeps that: give it the mode open() would (0666 less the
+            # umask), so that others sharing the run folder can read checkpoints and metrics; before the fsync,
+            # so that the mode is as durable as the data.
+            mode = 0o666 & ~_umask()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            else:  # Windows before Python 3.13
+                os.chmod(tmp, mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

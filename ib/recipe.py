@@ -111,6 +111,15 @@ class Component:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+class FieldError(ConfigError):
+    """A section's `__post_init__` rejects one of its fields; `build_dataclass` names the field by its whole path
+    (`mi.optimizer.betas`), which the section itself does not know."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 def _field(default: Any, help: str, **bounds: float) -> Any:
     """A dataclass field with its reason and numeric bounds (ge, gt, le, lt) kept as metadata."""
     kw = {"default_factory": lambda: default} if isinstance(default, (Component, list, dict)) else {"default": default}
@@ -169,11 +178,12 @@ class OptimConfig:
     momentum: float = _field(0.9, "SGD momentum", ge=0.0, lt=1.0)
     nesterov: bool = _field(False, "SGD Nesterov momentum")
     weight_decay: float = _field(0.0, "weight decay (decoupled for adamw)", ge=0.0, le=1.0)
-    grad_clip: Optional[float] = _field(None, "clip the global gradient norm to this value", gt=0.0)
+    grad_clip: Optional[float] = _field(None, "clip the global norm of this optimizer's gradients to this value",
+                                        gt=0.0)
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optimizer betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise FieldError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 def _critic_optimizer() -> OptimConfig:
@@ -466,7 +476,12 @@ def build_dataclass(cls: type, raw: Any, key: str = "") -> Any:
         elif name in raw:
             kwargs[name] = check_value(raw[name], tp, sub)
             _check_bounds(kwargs[name], f.metadata, sub)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as e:
+        if not key:
+            raise
+        raise ConfigError(f"{key}.{e.field} {e.problem}") from None
 
 
 def _defaults(tp: type, f: dataclasses.Field, key: str) -> Any:

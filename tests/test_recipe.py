@@ -30,6 +30,25 @@ def test_paper_mnist_recipe_values():
     assert r.model.eval_samples == 12
 
 
+@pytest.mark.parametrize("name,train_images,val_images", [("mnist", 60_000, 5_000),
+                                                           ("fashion_mnist", 60_000, 5_000),
+                                                           ("cifar10", 50_000, 5_000)])
+def test_recipe_comments_hold_for_the_split_and_the_steps(name, train_images, val_images):
+    """The numbers the recipes' comments state, by the project's own arithmetic: the hold-out
+    (`floor(val_fraction * N)`) and the training loader's steps per epoch (whole batches only)."""
+    import torch
+
+    from ib.data import BatchLoader, Split, _hold_out
+
+    r = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml")
+    images = Split(torch.zeros(train_images, 1, dtype=torch.uint8), torch.zeros(train_images, dtype=torch.long))
+    train, val = _hold_out(images, r.data.val_fraction, r.seed)
+    assert len(val) == val_images
+    steps = len(BatchLoader(train, r.data.batch_size, shuffle=True, drop_last=True))
+    if r.beta_schedule.name == "linear":  # cifar10: "waits one epoch, then ramps up over five epochs"
+        assert (r.beta_schedule.options["delay"], r.beta_schedule.options["warmup"]) == (steps, 5 * steps)
+
+
 def test_defaults_are_filled_in_for_components():
     r = recipe_from_dict({"model": {"encoder": "mlp"}})
     assert r.model.encoder.options["hidden"] == [1024, 1024]  # the factory's default, visible in the saved recipe
@@ -109,6 +128,17 @@ BAD_FILES = [
     ("python_tag.yaml", "epochs: !!python/object/apply:os.system ['echo pwned']\n", ["invalid YAML", "python"]),
     ("tabs.yaml", "a:\n\t- 1\n", ["invalid YAML"]),
 ]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.betas=[0.9, 1.5]", "optimizer.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ("mi.optimizer.betas=[0.5, 1.5]", "mi.optimizer.betas must be two numbers in [0, 1), got [0.5, 1.5]"),
+])
+def test_a_section_check_names_the_whole_key_path(override, message):
+    """A check in a section's __post_init__ (OptimConfig serves two keys) names the key that was given."""
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict({}, [override])
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("name,text,words", BAD_FILES, ids=[b[0] for b in BAD_FILES])

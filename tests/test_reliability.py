@@ -510,6 +510,30 @@ def test_disk_full_at_the_first_checkpoint(tmp_path, monkeypatch, capsys):
     assert_one_error_line(status, lines, ["has no last.pt", "--overwrite"])
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask_from", ["proc", "os.umask"])
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_write_gives_the_mode_open_would(umask, umask_from, tmp_path, monkeypatch):
+    """Not mkstemp's 0600: others sharing a run folder must be able to read its checkpoints and metrics."""
+    if umask_from == "os.umask":  # where /proc/self/status does not say: the fallback
+        def no_proc(*args, **kwargs):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/self/status")
+
+        monkeypatch.setattr(ib.checkpoint, "open", no_proc, raising=False)
+    before = os.umask(umask)
+    try:
+        ib.checkpoint.atomic_write(tmp_path / "new", lambda f: f.write(b"new"))
+        (tmp_path / "old").write_bytes(b"old")
+        (tmp_path / "old").chmod(0o600)
+        ib.checkpoint.atomic_write(tmp_path / "old", lambda f: f.write(b"replaced"))  # over an existing file
+        assert os.umask(umask) == umask  # reading the umask left it as it was
+    finally:
+        os.umask(before)
+    for name in ("new", "old"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / "old").read_bytes() == b"replaced" and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_run_folder_under_a_file(tmp_path, capsys, no_data):
     (tmp_path / "file").write_text("not a folder\n")
     status, lines = run_main(["train", DIGITS, "--run-dir", tmp_path / "file" / "run"], capsys)
