@@ -10,7 +10,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Protocol
+from typing import Any, Dict, List, Mapping, Optional, Protocol
 
 from ib.checkpoint import atomic_write
 
@@ -23,19 +23,22 @@ class EpochLogger(Protocol):
 
 class TensorBoardLogger:
     """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
-    I(X;Z) inside its band (MINE's lower estimate to the KL upper bound), and the information-plane trajectory as a
-    figure each epoch.
+    I(X;Z) inside its band (a critic's lower estimate to the KL upper bound; vib_kl's estimate is that bound, so it
+    is drawn alone), and the information-plane trajectory as a figure each epoch.
+
+    `estimator` is the recipe's `mi.estimator` registry name (None: no estimator), which names the charts.
 
     On resume, events at or after the resumed epoch are purged, so an epoch that was logged but not checkpointed
     before a crash does not appear twice; the trajectory so far is read back from `history.csv`.
     """
 
     def __init__(self, run_dir: str | Path, resume_epoch: int = 0, *, units: str = "nats",
-                 plane_figure: bool = True) -> None:
+                 plane_figure: bool = True, estimator: Optional[str] = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_epoch + 1 if resume_epoch else None)
         self.units = units
+        self.estimator = estimator
         self.plane_figure = plane_figure
         self.points: List[Dict[str, float]] = []
         history = Path(run_dir) / "history.csv"
@@ -44,7 +47,7 @@ class TensorBoardLogger:
                 self.points = [_plane_point(int(r["epoch"]), r) for r in csv.DictReader(f)
                                if int(r["epoch"]) <= resume_epoch]
         if not resume_epoch:
-            self.writer.add_custom_scalars(information_layout(units))
+            self.writer.add_custom_scalars(information_layout(units, self.estimator))
 
     def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
         for tag, value in row.items():
@@ -54,7 +57,8 @@ class TensorBoardLogger:
         if self.plane_figure:
             from ib.plots import plane_figure
 
-            self.writer.add_figure("mi/information_plane", plane_figure(self.points, self.units), epoch)
+            figure = plane_figure(self.points, self.units, estimator=self.estimator)
+            self.writer.add_figure("mi/information_plane", figure, epoch)
         self.writer.flush()
 
     def close(self) -> None:
@@ -71,16 +75,67 @@ def _plane_point(epoch: int, row: Mapping[str, Any]) -> Dict[str, float]:
     return {"epoch": epoch, "I_XZ": num("mi/I_XZ"), "I_XZ_upper": num("mi/I_XZ_upper"), "I_ZY": num("mi/I_ZY")}
 
 
-def information_layout(units: str) -> Dict[str, Any]:
-    """TensorBoard custom-scalars layout: I(X;Z) as a margin chart inside [MINE estimate, KL upper bound]."""
+def information_layout(units: str, estimator: Optional[str] = "mine") -> Dict[str, Any]:
+    """TensorBoard custom-scalars layout. I(X;Z): a margin chart of the estimate inside [estimate, KL upper bound]
+    for a critic's lower bound; for `vib_kl`, whose `mi/I_XZ` is the KL upper bound itself, one line.
+
+    Args:
+        units: "nats" or "bits", for the chart titles.
+        estimator: the recipe's `mi.estimator` registry name (None: no estimator), for the chart titles.
+    """
+    if is_upper_bound(estimator):
+        xz = {f"I(X;Z) [{units}]: {estimate_name(estimator)}": ["Multiline", ["mi/I_XZ"]]}
+    else:
+        what = estimate_name(estimator) or "critic"
+        band = f"{what} estimate within [{what}, KL upper bound]"
+        xz = {f"I(X;Z) [{units}]: {band}": ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]}
     return {
         "information plane": {
-            f"I(X;Z) [{units}]: MINE estimate within [MINE, KL upper bound]": [
-                "Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]],
+            **xz,
             f"I(Z;Y) [{units}] and H(Y)": ["Multiline", ["mi/I_ZY", "mi/H_Y"]],
             "accuracy": ["Multiline", ["acc/train", "acc/val", "acc/test"]],
         }
     }
+
+
+# The estimator behind `mi/I_XZ`, by `mi.estimator` (README, "MI estimators", says what each one reports).
+_NAMES: Dict[str, str] = {"mine": "MINE", "mine_f": "MINE-f", "infonce": "InfoNCE", "smile": "SMILE", "jsd": "JSD",
+                          "vib_kl": "KL upper bound"}
+_UPPER_BOUNDS = ("vib_kl",)  # estimators whose `mi/I_XZ` is the KL upper bound (the same as `mi/I_XZ_upper`)
+
+
+def estimate_name(estimator: Optional[str]) -> str:
+    """What `mi/I_XZ` is, for labels: "MINE" for `mine`, "KL upper bound" for `vib_kl`, the registry name itself
+    for an estimator registered elsewhere, "" when there is none."""
+    return "" if estimator is None else _NAMES.get(estimator, estimator)
+
+
+def xz_label(units: str, estimator: Optional[str]) -> str:
+    """The axis label of the held-out I(X;Z), e.g. "I(X;Z) [nats] (MINE, held-out)"."""
+    what = estimate_name(estimator)
+    return f"I(X;Z) [{units}] ({what + ', ' if what else ''}held-out)"
+
+
+def is_upper_bound(estimator: Optional[str]) -> bool:
+    """Whether `estimator`'s `mi/I_XZ` is the KL upper bound, so that there is no band to draw."""
+    return estimator in _UPPER_BOUNDS
+
+
+def run_estimator(run_dir: str | Path) -> Optional[str]:
+    """The `mi.estimator` registry name in a run folder's `recipe.yaml`; None when the recipe disables the
+    estimator, or when the file is missing or unreadable (labels then name no estimator)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    mi = raw.get("mi") if isinstance(raw, dict) else None
+    if not isinstance(mi, dict) or mi.get("enabled") is False:
+        return None
+    name = mi.get("estimator")
+    name = name.get("name") if isinstance(name, dict) else name
+    return name if isinstance(name, str) else None
 
 
 class CSVHistory:

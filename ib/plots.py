@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from matplotlib.figure import Figure
 
@@ -15,22 +15,27 @@ def _finite(v: float | None) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", title: str = "") -> Figure:
+def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", title: str = "", *,
+                 estimator: Optional[str] = "mine") -> Figure:
     """I(X;Z) on x, I(Z;Y) on y, one point per epoch, coloured by epoch; the KL upper bound as a band to the right.
 
     Args:
         points: rows with "epoch", "I_XZ", "I_ZY" and optionally "I_XZ_upper" (in `units`).
+        estimator: the recipe's `mi.estimator` registry name (None: no estimator), which names the x axis; for
+            `vib_kl`, "I_XZ" is the KL upper bound itself and no band is drawn.
     """
+    from ib.monitor import is_upper_bound, xz_label
+
     fig = Figure(figsize=(5.5, 4.2), dpi=100)
     ax = fig.add_subplot()
     pts = [p for p in points if _finite(p.get("I_XZ")) and _finite(p.get("I_ZY"))]
     if pts:
         xs, ys, ep = [p["I_XZ"] for p in pts], [p["I_ZY"] for p in pts], [p["epoch"] for p in pts]
-        upper = [p.get("I_XZ_upper") for p in pts]
+        upper = [] if is_upper_bound(estimator) else [p.get("I_XZ_upper") for p in pts]
         span = max(max(xs) - min(xs), 1e-3)
-        if all(_finite(u) for u in upper):
+        if upper and all(_finite(u) for u in upper):
             # The KL bound of a nearly deterministic code is far to the right: draw the band up to the edge of the
-            # MINE points' range and say where it ends.
+            # estimates' range and say where it ends.
             right = max(xs) + span
             for x, y, u in zip(xs, ys, upper):
                 ax.plot([x, min(u, right)], [y, y], color="0.8", lw=1, zorder=1)
@@ -43,7 +48,7 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
             ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no I(X;Z) estimate in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(f"I(X;Z) [{units}] (MINE, held-out)")
+    ax.set_xlabel(xz_label(units, estimator))
     ax.set_ylabel(f"I(Z;Y) [{units}] (H(Y) - CE)")
     ax.set_title(title or "information plane")
     ax.grid(alpha=0.3)
@@ -156,6 +161,10 @@ def write_plane_plots(folder: Path) -> List[Path]:
         return written
     if (folder / "history.csv").is_file():
         path = folder / "plane.png"
-        save_figure(plane_figure(_history_points(folder), _units(folder), title=folder.name), path)
+        from ib.monitor import run_estimator
+
+        figure = plane_figure(_history_points(folder), _units(folder), title=folder.name,
+                              estimator=run_estimator(folder))
+        save_figure(figure, path)
         return [path]
     raise ConfigError(f"{folder} holds neither a run (history.csv) nor a sweep (sweep.csv)")

@@ -8,6 +8,7 @@ One encoder step on a batch (x, y):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import inspect
 import json
 import logging
@@ -172,15 +173,17 @@ class StepStats:
     seen: int = 0
     steps: int = 0
     nonfinite: int = 0
+    nonfinite_in_a_row: int = 0  # ending at the last step; carried over from the epochs before (not a sum)
 
     @classmethod
-    def zeros(cls, device: torch.device) -> "StepStats":
+    def zeros(cls, device: torch.device, nonfinite_in_a_row: int = 0) -> "StepStats":
         z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(), z(), z(), z())
+        return cls(z(), z(), z(), z(), nonfinite_in_a_row=nonfinite_in_a_row)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss": self.loss, "ce": self.ce, "mi_bound": self.mi_bound, "correct": self.correct,
-                "seen": self.seen, "steps": self.steps, "nonfinite": self.nonfinite}
+                "seen": self.seen, "steps": self.steps, "nonfinite": self.nonfinite,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state: Dict[str, Any], rank: int = 0) -> None:
         """Sums saved by `reduce`d stats: every process takes the step means, rank 0 alone the counts."""
@@ -238,10 +241,10 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
 
 def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Tensor, z: Tensor, steps: int,
                 loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                precision: Precision = "fp32") -> Tensor:
+                precision: Precision = "fp32", grad_clip: Optional[float] = None) -> Tensor:
     """Ascend the bound on (x, z) `steps` times with the critic's own optimiser; returns the last bound (detached).
     `loss_fn` replaces `estimator.loss` (the trainer passes its DistributedDataParallel wrapper under torchrun);
-    `precision` as in `autocast`.
+    `precision` as in `autocast`; `grad_clip`: the largest norm of the critic's gradient (`mi.optimizer.grad_clip`).
 
     An update whose loss or gradient is not finite is not applied, and the estimator's buffers (MINE's moving
     average, a critic's batch-norm statistics) are put back as they were before it; the bound returned is then NaN,
@@ -255,7 +258,7 @@ def critic_step(estimator: MIEstimator, optimizer: torch.optim.Optimizer, x: Ten
         with autocast(x.device, precision):
             loss = (loss_fn or estimator.loss)(x, z)
         loss.backward()
-        finite = _all_finite([loss, *(p.grad for p in params if p.grad is not None)])
+        finite = _all_finite([loss, *_clipped_or_grads([p for p in params if p.grad is not None], grad_clip)])
         if not distributed.all_true(finite, loss.device):  # every process skips, or none
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -279,6 +282,7 @@ def train_step(
     *,
     critic_steps: int = 1,
     grad_clip: Optional[float] = None,
+    critic_grad_clip: Optional[float] = None,
     fused: bool = False,
     replicas: Optional[Replicas] = None,
     precision: Precision = "fp32",
@@ -290,21 +294,25 @@ def train_step(
     critic serves both players through gradient reversal (`fused_minimax_objective`), both optimisers step on the
     gradients of one backward pass, about a third less work per step with the paper's critic.
 
-    The step is skipped (no optimiser steps, gradients dropped, the estimator's buffers such as MINE's moving
-    average put back) when a loss or gradient is not finite. Finiteness is checked with one device sync (and,
-    under torchrun, agreed by all processes). `replicas`: the DistributedDataParallel wrappers to run the
-    forward passes through, under torchrun. `precision`: "fp32" or "bf16" (the forward passes under `autocast`).
+    An update whose loss or gradient is not finite is skipped (gradients dropped, the estimator's buffers such as
+    MINE's moving average put back), and the step reports `finite` False. Fused, that is both players' update;
+    two-pass, each player's update is checked on its own: the critic's comes first and stands when only the
+    encoder's is not finite. Finiteness is checked with one device sync per update (and, under torchrun, agreed
+    by all processes). `grad_clip` and `critic_grad_clip` cap the norms of the encoder's (with the decoder's) and
+    of the critic's gradients. `replicas`: the DistributedDataParallel wrappers to run the forward passes through,
+    under torchrun. `precision`: "fp32" or "bf16" (the forward passes under `autocast`).
     """
     if (fused and estimator is not None and critic_optimizer is not None and critic_steps == 1
             and getattr(estimator, "loss_is_minus_penalty", True)):  # jsd/smile: the critic's loss is not -penalty
-        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, replicas, precision)
+        return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, critic_grad_clip,
+                           replicas, precision)
     with autocast(x.device, precision):  # z [B, K], sampled once for both players
         code, logits = replicas.forward(x) if replicas is not None else (model.encode(x), None)
     mi_bound = torch.full((), math.nan)
     checks: List[Tensor] = []
     if estimator is not None and critic_optimizer is not None:
         mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps,
-                               replicas.critic_loss if replicas is not None else None, precision)
+                               replicas.critic_loss if replicas is not None else None, precision, critic_grad_clip)
         checks.append(mi_bound)  # NaN when the critic's update was not finite
     with autocast(x.device, precision):
         out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits)
@@ -312,11 +320,7 @@ def train_step(
         mi_bound = out["mi"].detach() if beta > 0 else _penalty_value(estimator, x, code)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip is not None:
-        checks.append(nn.utils.clip_grad_norm_(params, grad_clip))  # the norm is finite iff every gradient is
-    else:
-        checks += [p.grad for p in params]
+    checks += _clipped_or_grads([p for p in model.parameters() if p.grad is not None], grad_clip)
     finite = distributed.all_true(_all_finite([out["loss"], *checks]), x.device)
     if finite:
         optimizer.step()
@@ -332,9 +336,18 @@ def _penalty_value(estimator: MIEstimator, x: Tensor, code: Code) -> Tensor:
     return estimator.penalty(x, code.z, code)
 
 
+def _clipped_or_grads(params: List[Tensor], max_norm: Optional[float]) -> List[Tensor]:
+    """What tells whether these gradients are finite: with `max_norm`, their total norm after clipping them to it
+    (finite iff every gradient is); else the gradients themselves."""
+    if max_norm is None:
+        return [p.grad for p in params]
+    return [nn.utils.clip_grad_norm_(params, max_norm)] if params else []
+
+
 def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
                 critic_optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, beta: float,
-                grad_clip: Optional[float], replicas: Optional[Replicas], precision: Precision) -> Dict[str, Tensor]:
+                grad_clip: Optional[float], critic_grad_clip: Optional[float], replicas: Optional[Replicas],
+                precision: Precision) -> Dict[str, Tensor]:
     saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
     with autocast(x.device, precision):
         out = fused_minimax_objective(model, estimator, x, y, beta,
@@ -343,12 +356,9 @@ def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.op
     optimizer.zero_grad(set_to_none=True)
     critic_optimizer.zero_grad(set_to_none=True)
     out["objective"].backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    checks = [out["objective"], *(p.grad for p in estimator.parameters() if p.grad is not None)]
-    if grad_clip is not None:
-        checks.append(nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        checks += [p.grad for p in params]
+    checks = [out["objective"],
+              *_clipped_or_grads([p for p in estimator.parameters() if p.grad is not None], critic_grad_clip),
+              *_clipped_or_grads([p for p in model.parameters() if p.grad is not None], grad_clip)]
     finite = distributed.all_true(_all_finite(checks), x.device)
     if finite:
         optimizer.step()
@@ -404,6 +414,7 @@ def train_one_epoch(
     step: int,
     critic_steps: int,
     grad_clip: Optional[float],
+    critic_grad_clip: Optional[float] = None,
     max_nonfinite: int,
     fused: bool = False,
     log_every: int,
@@ -415,24 +426,24 @@ def train_one_epoch(
 ) -> int:
     """Train over the rest of the loader's epoch (all of it, unless resumed mid-epoch). Returns the global step.
 
-    Non-finite steps are skipped and counted; `max_nonfinite` in a row raise TrainingError. Under torchrun
+    Non-finite steps are skipped and counted; `max_nonfinite` in a row (counted in `stats`, across epochs when
+    the caller carries `stats.nonfinite_in_a_row` over) raise TrainingError. Under torchrun
     (`replicas`), a stop signal seen by any process stops every process after the same step. `precision`: as in
     `train_step`.
     """
     model.train()
     if estimator is not None:
         estimator.train()
-    run_of_faults = 0
     bar = tqdm(loader, total=loader.batches_left(), desc=desc, leave=False, dynamic_ncols=True,
                disable=None if show_progress else True)
     for x, y in bar:
         beta = beta_schedule.value(step)
         out = train_step(model, estimator, optimizer, critic_optimizer, x, y, beta,
-                         critic_steps=critic_steps, grad_clip=grad_clip, fused=fused, replicas=replicas,
-                         precision=precision)
+                         critic_steps=critic_steps, grad_clip=grad_clip, critic_grad_clip=critic_grad_clip,
+                         fused=fused, replicas=replicas, precision=precision)
         step += 1
         if bool(out["finite"]):
-            run_of_faults = 0
+            stats.nonfinite_in_a_row = 0
             stats.loss += out["loss"]
             stats.ce += out["ce"]
             stats.mi_bound += out["mi_bound"].nan_to_num(0.0)
@@ -440,13 +451,14 @@ def train_one_epoch(
             stats.seen += y.shape[0]
             stats.steps += 1
         else:
-            run_of_faults += 1
+            stats.nonfinite_in_a_row += 1
             stats.nonfinite += 1
-            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, run_of_faults)
-            if run_of_faults >= max_nonfinite:
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step,
+                        stats.nonfinite_in_a_row)
+            if stats.nonfinite_in_a_row >= max_nonfinite:
                 raise TrainingError(
-                    f"{run_of_faults} consecutive non-finite steps (up to step {step}); stopping. Try a lower "
-                    f"learning rate or beta; last.pt holds the last good epoch")
+                    f"{stats.nonfinite_in_a_row} consecutive non-finite steps (up to step {step}); stopping. Try a "
+                    f"lower learning rate or beta; last.pt, if the run has one, holds its last completed epoch")
         if step % log_every == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{float(out['loss']):.4f}", beta=f"{beta:.3g}")
         if stop is not None and _stopping(stop, y.device):
@@ -535,6 +547,7 @@ class Run:
     best: Dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "val_accuracy": -1.0})
     epoch_seconds: List[float] = field(default_factory=list)
     nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0  # consecutive non-finite steps at the end of the last completed epoch
     proc: distributed.Process = distributed.SINGLE  # this process's place in a torchrun job
     replicas: Optional[Replicas] = None  # DDP wrappers under torchrun
 
@@ -559,6 +572,7 @@ class Run:
             "best": dict(self.best),
             "epoch_seconds": list(self.epoch_seconds),
             "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -569,12 +583,15 @@ class Run:
                 load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         load_optimizer(self.optimizer, state["optimizer"])
         self.beta_schedule.load_state_dict(state["beta_schedule"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        # The schedule spans the run's length, which `--resume DIR epochs=M` may lengthen: the epochs left follow
+        # the M-epoch schedule (a cosine decay would otherwise sit at its floor for every added epoch).
+        self.lr_schedule.load_state_dict({**state["lr_schedule"], "epochs": self.recipe.epochs})
         self.train_loader.load_state_dict(state["train_loader"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best = dict(state["best"])
         self.epoch_seconds = list(state["epoch_seconds"])
         self.nonfinite_steps = state["nonfinite_steps"]
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)  # absent from checkpoints before 2026-11-28
         if state["epoch_stats"] is not None:
             self.stats = StepStats.zeros(self.device)
             self.stats.load_state_dict(state["epoch_stats"], self.proc.rank)
@@ -681,19 +698,38 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
     )
 
 
+# What a run and its evaluations write into the run folder: `--overwrite` removes these and nothing else.
+RUN_FILES = ("recipe.yaml", "last.pt", "best.pt", "history.csv", "metrics.json", "eval.json", "robustness.csv",
+             "robustness.png", "plane.png", ".hparams_written")
+RUN_FILE_PATTERNS = ("events.out.tfevents.*", ".*.tmp")  # TensorBoard's event files; atomic_write's leftovers
+RUN_FOLDERS = ("eval",)  # `ib eval`'s TensorBoard runs
+
+
+def run_files(run_dir: Path) -> List[Path]:
+    """The entries of `run_dir` that ib writes (see RUN_FILES): what `--overwrite` replaces."""
+    def ours(p: Path) -> bool:
+        if p.is_dir():
+            return p.name in RUN_FOLDERS
+        return p.name in RUN_FILES or any(fnmatch.fnmatchcase(p.name, pattern) for pattern in RUN_FILE_PATTERNS)
+
+    return sorted(p for p in run_dir.iterdir() if ours(p))
+
+
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Raise ConfigError, touching nothing, when `run_dir` cannot become a new run folder: it holds files (and
-    `overwrite` is off, or it is not a run folder), or the nearest existing folder above it is a file or not
-    writable. Cheap: `fit` calls it before loading any data."""
+    `overwrite` is off, or it is not a run folder: a recipe.yaml beside a last.pt, metrics.json or history.csv),
+    or the nearest existing folder above it is a file or not writable. Cheap: `fit` calls it before loading any
+    data."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} is a file, not a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"run folder {run_dir} exists: resume it with --resume {run_dir}, replace it with "
-                              f"--overwrite, or pick another name=...")
-        if not (run_dir / "recipe.yaml").exists():
-            raise ConfigError(f"--overwrite: {run_dir} does not look like a run folder (no recipe.yaml); "
-                              f"not removing it")
+                              f"--overwrite, or pick another folder (--run-dir, or name=... under output_dir)")
+        if not ((run_dir / "recipe.yaml").is_file()
+                and any((run_dir / name).is_file() for name in ("last.pt", "metrics.json", "history.csv"))):
+            raise ConfigError(f"--overwrite: {run_dir} does not look like a run folder (no recipe.yaml beside a "
+                              f"last.pt, metrics.json or history.csv); not removing it")
     above = run_dir.absolute()
     while not above.exists() and above != above.parent:
         above = above.parent
@@ -704,10 +740,16 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to reuse a run folder unless told to overwrite it (only folders that hold a run are removed)."""
+    """Refuse to reuse a run folder unless told to overwrite it; overwriting removes the files a run writes
+    (`run_files`) and keeps anything else, with a warning that names it."""
     check_run_dir(run_dir, overwrite)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
+    if run_dir.is_dir():
+        for path in run_files(run_dir):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        others = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+        if others:
+            log.warning("--overwrite: kept %s in %s (not written by ib)", ", ".join(others[:5])
+                        + (f" and {len(others) - 5} more" if len(others) > 5 else ""), run_dir)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -861,19 +903,23 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
             loggers += [
                 CSVHistory(run_dir / "history.csv", run.epoch),
                 TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units,
-                                  plane_figure=recipe.monitor.plane_figure),
+                                  plane_figure=recipe.monitor.plane_figure,
+                                  estimator=recipe.mi.estimator.name if recipe.mi.enabled else None),
             ]
         probe = _probe_set(run)
         previous = stop.install() if handle_signals else {}
-        while run.epoch < r.epochs:
+        if stop_after is not None and stop_after <= run.epoch < r.epochs:  # resumed with N epochs already done
+            status = "stopped"
+        while status != "stopped" and run.epoch < r.epochs:
             epoch = run.epoch + 1
             t0 = time.perf_counter()
             set_lr(run.optimizer, run.base_lrs, run.lr_schedule.factor(run.epoch))
             if run.stats is None:
-                run.stats = StepStats.zeros(run.device)
+                run.stats = StepStats.zeros(run.device, run.nonfinite_in_a_row)
             run.step = train_one_epoch(
                 run.model, run.estimator, run.train_loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
-                run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip, fused=r.mi.fused,
+                run.stats, step=run.step, critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip,
+                critic_grad_clip=r.mi.optimizer.grad_clip, fused=r.mi.fused,
                 max_nonfinite=r.max_nonfinite_steps, log_every=r.log_every, stop=stop,
                 desc=f"epoch {epoch}/{r.epochs}", replicas=run.replicas, show_progress=main, precision=r.precision,
             )
@@ -886,7 +932,10 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
                 break
             row = {"beta": run.beta_schedule.value(max(run.step - 1, 0)),
                    "lr": run.optimizer.param_groups[0]["lr"], **run.stats.summary(run.estimator is not None)}
+            if "mi/I_XZ_train" in row:  # in monitor.units, like every information quantity
+                row["mi/I_XZ_train"] = to_units(row["mi/I_XZ_train"], r.monitor.units)
             run.nonfinite_steps += run.stats.nonfinite
+            run.nonfinite_in_a_row = run.stats.nonfinite_in_a_row
             t1 = time.perf_counter()
             shared = proc.distributed  # each process evaluates its share; the sums are added
             distributed.broadcast_buffers_(run.model)  # rank 0's batch-norm statistics, the ones saved
@@ -941,7 +990,8 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
                 status = "stopped"
                 break
         else:
-            status = "completed"
+            if run.epoch >= r.epochs:  # (not when --stop-after stopped it before its first epoch)
+                status = "completed"
     except BaseException as e:
         if main:
             _record_failure(run_dir, run, e, train_seconds)

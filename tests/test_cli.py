@@ -227,13 +227,25 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys, no_data)
     assert (folder / "holiday.jpg").read_bytes() == b"\xff\xd8"
 
 
-def test_overwrite_replaces_a_run(tmp_path, capsys):
+def test_overwrite_replaces_a_run_and_keeps_what_ib_did_not_write(tmp_path, capsys, caplog):
     run = _fake_run(tmp_path / "run")
     (run / "recipe.yaml").write_text("old\n")
-    (run / "stale.txt").write_text("from the old run\n")
+    (run / "events.out.tfevents.1.host").write_bytes(b"old events")
+    (run / "eval" / "best").mkdir(parents=True)
+    (run / "notes.txt").write_text("the user's own\n")
     small = ["epochs=1", "model.encoder.hidden=[16]", "model.bottleneck.z_dim=4", "mi.critic.hidden=[16]",
              "model.eval_samples=0", "monitor.plane_figure=false"]
     status, _ = run_main(["train", DIGITS, *small, "--run-dir", run, "--overwrite"], capsys)
     assert status == 0
-    assert not (run / "stale.txt").exists()
+    assert (run / "notes.txt").read_text() == "the user's own\n" and "kept notes.txt" in caplog.text
+    assert not (run / "events.out.tfevents.1.host").exists() and not (run / "eval").exists()
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_overwrite_refuses_a_project_folder_that_holds_a_recipe_yaml(tmp_path, capsys, no_data):
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(Path(DIGITS).read_text())  # a recipe, but no run beside it
+    status, lines = run_main(["train", folder / "recipe.yaml", "--run-dir", folder, "--overwrite"], capsys)
+    assert_one_error_line(status, lines, ["does not look like a run folder", "not removing it"])
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "recipe.yaml"]

@@ -96,3 +96,72 @@ def test_ib_plane_writes_pngs(tmp_path):
     with pytest.raises(ConfigError, match="neither a run"):
         write_plane_plots(tmp_path)
     assert main(["plane", str(tmp_path)]) == 2
+
+
+POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_upper": 4.0, "I_ZY": 1.5},
+          {"epoch": 2, "I_XZ": 1.2, "I_XZ_upper": 4.5, "I_ZY": 1.8}]
+
+
+@pytest.mark.parametrize("estimator,label,band", [
+    ("mine", "I(X;Z) [nats] (MINE, held-out)", True),
+    ("mine_f", "I(X;Z) [nats] (MINE-f, held-out)", True),
+    ("infonce", "I(X;Z) [nats] (InfoNCE, held-out)", True),
+    ("smile", "I(X;Z) [nats] (SMILE, held-out)", True),
+    ("jsd", "I(X;Z) [nats] (JSD, held-out)", True),
+    ("vib_kl", "I(X;Z) [nats] (KL upper bound, held-out)", False),  # I_XZ is the bound: no band to it
+    (None, "I(X;Z) [nats] (held-out)", True),
+])
+def test_plane_figure_names_the_estimator(estimator, label, band):
+    from ib.plots import plane_figure
+
+    ax = plane_figure(POINTS, "nats", estimator=estimator).axes[0]
+    assert ax.get_xlabel() == label
+    band_lines = [line for line in ax.lines if line.get_color() == "0.8"]
+    assert bool(band_lines) == band and (ax.get_legend() is not None) == band
+
+
+def test_every_estimator_has_a_label():
+    from ib.estimators import ESTIMATORS
+    from ib.monitor import estimate_name
+
+    for name in ESTIMATORS.names():
+        assert estimate_name(name) != name, f"{name}: add it to ib.monitor._NAMES"
+
+
+@pytest.mark.parametrize("estimator,title,chart", [
+    ("mine", "I(X;Z) [bits]: MINE estimate within [MINE, KL upper bound]",
+     ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]),
+    ("infonce", "I(X;Z) [bits]: InfoNCE estimate within [InfoNCE, KL upper bound]",
+     ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]),
+    ("vib_kl", "I(X;Z) [bits]: KL upper bound", ["Multiline", ["mi/I_XZ"]]),  # the bound alone: no margin
+])
+def test_custom_scalars_layout_names_the_estimator(estimator, title, chart):
+    from ib.monitor import information_layout
+
+    charts = information_layout("bits", estimator)["information plane"]
+    assert charts[title] == chart
+
+
+def test_a_vib_kl_run_is_labelled_as_the_kl_bound(tmp_path):
+    """TensorBoard's layout and `ib plane` take the estimator from the run (its saved recipe)."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    from ib.monitor import run_estimator
+
+    run = tmp_path / "vib"
+    fit(load_recipe(DIGITS, ["epochs=1", *SMALL, "mi.estimator=vib_kl"]), run)
+    assert run_estimator(run) == "vib_kl"
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    titles = [c.title for cat in layout.category for c in cat.chart]
+    assert "I(X;Z) [nats]: KL upper bound" in titles and not any("MINE" in t for t in titles)
+    assert {"mi/I_XZ", "mi/I_XZ_upper"} <= set(acc.Tags()["scalars"])  # the tags themselves are unchanged
+    assert write_plane_plots(run) == [run / "plane.png"]
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())  # a run without an estimator names none
+    saved["mi"]["enabled"] = False
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert run_estimator(run) is None

@@ -415,3 +415,65 @@ def test_resuming_nchw_optimizer_state_into_channels_last_weights(fused):
         o.step()
         steps[layout] = c.weight.detach().contiguous()
     torch.testing.assert_close(steps[torch.channels_last], steps[torch.contiguous_format], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_more_epochs_stretches_the_lr_schedule(tmp_path):
+    run = tmp_path / "run"
+    fit(load_recipe(DIGITS, ["epochs=2", "lr_schedule=cosine", *SMALL]), run)
+    fit(load_recipe(run / "recipe.yaml", ["epochs=4"]), run, resume=True)
+    lrs = [float(r["lr"]) for r in csv.DictReader((run / "history.csv").open())]
+    base = load_recipe(DIGITS).optimizer.lr
+    # The first two epochs ran on the 2-epoch cosine; the two added follow the 4-epoch one, not its floor of 0.
+    expected = [1.0, 0.5] + [(1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)]
+    assert lrs == pytest.approx([base * f for f in expected])
+    assert _weights(run)["lr_schedule"]["epochs"] == 4
+
+
+def test_consecutive_nonfinite_steps_are_counted_across_epochs(tmp_path, monkeypatch):
+    import ib.train
+
+    monkeypatch.setattr(ib.train, "_all_finite", lambda tensors: False)  # every update is found non-finite
+    recipe = load_recipe(DIGITS, ["epochs=3", "data.batch_size=128", "max_nonfinite_steps=15", *SMALL])
+    with pytest.raises(ib.train.TrainingError, match="15 consecutive non-finite steps"):
+        fit(recipe, tmp_path / "run")  # 10 steps an epoch: the 15th is in epoch 2
+    state = _weights(tmp_path / "run")
+    assert (state["epoch"], state["nonfinite_in_a_row"]) == (1, 10)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_critic_gradients_are_clipped_by_mi_optimizer_grad_clip(fused, monkeypatch):
+    run = build_run(load_recipe(DIGITS, [*SMALL, "beta=0.1", "mi.optimizer.grad_clip=0.01"]))
+    norms = []
+    step = run.critic_optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for g in run.critic_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(run.critic_optimizer, "step", recording_step)
+    x, y = run.data.train.x[:64].float() / 255.0, run.data.train.y[:64]
+    out = train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y, 0.1, fused=fused,
+                     critic_grad_clip=run.recipe.mi.optimizer.grad_clip)
+    assert bool(out["finite"]) and len(norms) == 1
+    assert norms[0] == pytest.approx(0.01, rel=1e-4)  # a fresh critic's gradient is far larger than 0.01
+
+
+def test_stop_after_on_a_resumed_run_that_has_those_epochs_trains_nothing(tmp_path):
+    run = tmp_path / "run"
+    fit(load_recipe(DIGITS, ["epochs=3", *SMALL]), run, stop_after=2)
+    before = _weights(run)
+    metrics = fit(load_recipe(run / "recipe.yaml"), run, resume=True, stop_after=1)
+    assert metrics["status"] == "stopped" and metrics["epochs"] == 2
+    assert _weights(run)["epoch"] == 2
+    for a, b in zip(tensors(before["model"]), tensors(_weights(run)["model"])):
+        assert torch.equal(a, b)
+
+
+def test_training_bound_follows_monitor_units(tmp_path):
+    rows = {}
+    for units in ("nats", "bits"):
+        fit(load_recipe(DIGITS, ["epochs=1", *SMALL, f"monitor.units={units}"]), tmp_path / units)
+        rows[units] = next(csv.DictReader((tmp_path / units / "history.csv").open()))
+    for key in ("mi/I_XZ_train", "mi/I_XZ"):
+        assert float(rows["bits"][key]) == pytest.approx(float(rows["nats"][key]) / math.log(2), rel=1e-6)
