@@ -53,10 +53,11 @@ def exp_capped(u: Tensor, cap: float = EXP_CAP) -> Tensor:
     """e^u up to u = cap, continued beyond it by its tangent e^cap * (1 + u - cap).
 
     Equal to exp for u <= cap (every value a sane critic produces); beyond, finite for u up to ~1e25 in float32,
-    with a gradient of e^cap that still pushes u down. Written as a sum of two branches, each with a finite
-    gradient, so that no inf * 0 appears in the backward pass.
+    with a gradient of e^cap that still pushes u down. Each branch is finite with a finite gradient everywhere (the
+    exp branch sees u clamped to the cap), so that no inf * 0 appears in the backward pass; the tangent branch
+    takes u = cap itself, where clamp's gradient would be 0.
     """
-    return torch.exp(u.clamp(max=cap)) + math.exp(cap) * (u - cap).clamp(min=0.0)
+    return torch.where(u < cap, torch.exp(u.clamp(max=cap)), math.exp(cap) * (1.0 + u - cap))
 
 
 def dv_bound(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
