@@ -162,11 +162,13 @@ def test_cli_eval_writes_every_output(run_dir):
 
 
 def _scalar_steps(log_dir, tag):
+    """The steps of `tag` in a TensorBoard run, sorted: a run's event files load in name order, and two files opened
+    in the same second are ordered by process id."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
+    return sorted(e.step for e in acc.Scalars(tag))
 
 
 def test_eval_events_survive_a_training_resume_and_a_repeated_eval(tmp_path):
