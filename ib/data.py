@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import io
 import logging
 import math
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ib.errors import ConfigError, DataError
+from ib.errors import CheckpointError, ConfigError, DataError
 from ib.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -300,7 +301,8 @@ def _load_idx_dataset(
     folders = [os.path.join(root, folder_name, "raw"), root]
     paths = _find_idx_files(folders)
     if paths is None and download:
-        _download_with_torchvision(name, folder_name, root, train=False)
+        _download_with_torchvision(name, folder_name, root, f"the four IDX files ({', '.join(_IDX_FILES)}, .gz or "
+                                   f"plain) in {' or '.join(folders)}", train=False)
         paths = _find_idx_files(folders)
     if paths is None:
         hint = (
@@ -334,8 +336,9 @@ def _idx_split(images: Tensor, labels: Tensor, images_path: str, labels_path: st
     return Split(images.unsqueeze(1), labels.long())  # [N, 1, H, W] uint8, [N] int64
 
 
-def _download_with_torchvision(name: str, class_name: str, root: str, **kwargs: Any) -> None:
-    """Let torchvision's data set class `class_name` download (and check) its files into `root`."""
+def _download_with_torchvision(name: str, class_name: str, root: str, place: str, **kwargs: Any) -> None:
+    """Let torchvision's data set class `class_name` download (and check) its files into `root`; `place` says
+    where the files go by hand (e.g. "the four IDX files in data/MNIST/raw"), for the message when it fails."""
     import torchvision.datasets
     from urllib.error import URLError
 
@@ -344,8 +347,7 @@ def _download_with_torchvision(name: str, class_name: str, root: str, **kwargs: 
         getattr(torchvision.datasets, class_name)(root, download=True, **kwargs)
     except (URLError, OSError, RuntimeError) as exc:
         raise DataError(
-            f"{name}: download into {root} failed ({_one_line(exc)}); "
-            "without network access, put the data set's files there yourself"
+            f"{name}: download into {root} failed ({_one_line(exc)}); without network access, put {place} yourself"
         ) from exc
 
 
@@ -458,7 +460,8 @@ def _load_cifar10(root: str, download: bool, image_size: Optional[int]) -> Tuple
         return [f for f in _CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
 
     if missing() and download:
-        _download_with_torchvision("cifar10", "CIFAR10", root, train=False)
+        _download_with_torchvision("cifar10", "CIFAR10", root, f"{', '.join(_CIFAR_FILES)} in {folder} (extract "
+                                   f"cifar-10-python.tar.gz into {root})", train=False)
     absent = missing()
     if absent:
         tried = " (download was attempted)" if download else ""
@@ -484,8 +487,9 @@ def _load_image_folder(root: str, download: bool, image_size: Optional[int]) -> 
 
     Every image is decoded once; with `image_size` it is resized to image_size x image_size (aspect ratio not kept),
     otherwise all images must share one size. The decoded tensors are cached in `root/.ib_cache_<part>_<size>.pt`
-    and reused while the cache is newer than the part's folder and its class folders (adding or removing a file
-    updates those; overwriting a file in place does not, so delete the cache after editing images). `download` is
+    and reused while every image file still has the path, size, modification time and class it had when the cache
+    was written (`_fingerprint`): adding, removing, replacing or editing a file anywhere under the part's folder
+    decodes it again, whatever the folders' own times (`tar x` and `cp -a` restore old ones). `download` is
     ignored: there is nothing to fetch.
     """
     from torchvision.datasets.folder import find_classes
@@ -514,31 +518,44 @@ def _load_image_folder(root: str, download: bool, image_size: Optional[int]) -> 
 def _image_folder_part(root: str, part: str, classes: List[str], image_size: Optional[int]) -> Split:
     folder = os.path.join(root, part)
     cache_path = os.path.join(root, f".ib_cache_{part}_{image_size if image_size else 'native'}.pt")
-    cached = _read_cache(cache_path, folder, classes)
+    samples = _folder_samples(folder)
+    fingerprint = _fingerprint(folder, samples)
+    cached = _read_cache(cache_path, folder, classes, fingerprint)
     if cached is not None:
         return cached
-    split = _decode_folder(folder, image_size)
-    _write_cache(cache_path, split, classes)
+    split = _decode_folder(folder, samples, image_size)
+    _write_cache(cache_path, split, classes, fingerprint)
     return split
 
 
-def _folder_mtime_ns(folder: str) -> int:
-    """Latest modification time of `folder` and its immediate sub-folders (the class folders)."""
-    latest = os.stat(folder).st_mtime_ns
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir():
-                latest = max(latest, entry.stat().st_mtime_ns)
-    return latest
+def _folder_samples(folder: str) -> List[Tuple[str, int]]:
+    """ImageFolder's [(path, class index)] of `folder`, sorted by class then file name."""
+    from torchvision.datasets import ImageFolder
 
-
-def _read_cache(path: str, folder: str, classes: List[str]) -> Optional[Split]:
-    """The cached split at `path`, or None when it is absent, older than `folder`, unreadable or inconsistent."""
     try:
-        if os.stat(path).st_mtime_ns <= _folder_mtime_ns(folder):
-            logger.debug("cache %s is older than %s; decoding again", path, folder)
-            return None
+        return ImageFolder(folder).samples
+    except FileNotFoundError as exc:
+        raise DataError(f"image_folder: {_one_line(exc)}") from exc
+
+
+def _fingerprint(folder: str, samples: List[Tuple[str, int]]) -> str:
+    """A digest of every sample's path below `folder`, size, modification time and class: what a cache of the
+    decoded images must match (one stat per file, on every load)."""
+    digest = hashlib.sha256()
+    for path, label in samples:
+        st = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder)}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: str, folder: str, classes: List[str], fingerprint: str) -> Optional[Split]:
+    """The cached split at `path`, or None when it is absent, written for other files (`fingerprint`), unreadable
+    or inconsistent."""
+    try:
         cache = torch.load(path, weights_only=True)
+        if cache.get("fingerprint") != fingerprint:
+            logger.debug("cache %s was written for other files than %s holds now; decoding again", path, folder)
+            return None
         x, y = cache["x"], cache["y"]
         ok = (
             cache.get("classes") == classes
@@ -557,13 +574,13 @@ def _read_cache(path: str, folder: str, classes: List[str]) -> Optional[Split]:
     return Split(x, y)
 
 
-def _write_cache(path: str, split: Split, classes: List[str]) -> None:
+def _write_cache(path: str, split: Split, classes: List[str], fingerprint: str) -> None:
     """Save `split` to `path` atomically (temporary file, then rename); skip quietly where that fails."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".ib_cache_", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"x": split.x, "y": split.y, "classes": list(classes)}, f)
+            torch.save({"x": split.x, "y": split.y, "classes": list(classes), "fingerprint": fingerprint}, f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; others reading a shared data folder may use it too
         os.replace(tmp, path)
         tmp = None
@@ -577,14 +594,9 @@ def _write_cache(path: str, split: Split, classes: List[str]) -> None:
                 pass
 
 
-def _decode_folder(folder: str, image_size: Optional[int]) -> Split:
-    """Decode every image under `folder`/<class>/ into uint8 [N, 3, H, W] with int64 labels [N]."""
-    from torchvision.datasets import ImageFolder
-
-    try:
-        samples = ImageFolder(folder).samples  # [(path, class index)], sorted by class then file name
-    except FileNotFoundError as exc:
-        raise DataError(f"image_folder: {_one_line(exc)}") from exc
+def _decode_folder(folder: str, samples: List[Tuple[str, int]], image_size: Optional[int]) -> Split:
+    """Decode `samples` ([(path, class index)] under `folder`/<class>/) into uint8 [N, 3, H, W] with int64 labels
+    [N]."""
     start = time.perf_counter()
     # One decode after another: torchvision's decoders release the GIL, but a 32x32 JPEG takes ~40 us, too little
     # for a thread pool to pay for its hand-offs (measured slower with 2 threads than with 1).
@@ -751,10 +763,15 @@ class BatchLoader:
     def load_state_dict(self, state: Dict[str, Tensor | int]) -> None:
         if "generator" not in state:
             raise ValueError(f"BatchLoader state needs a 'generator' entry, got {sorted(state)}")
-        self.generator.set_state(state["generator"])
         order = state.get("order")
-        self._order = order.cpu() if isinstance(order, Tensor) and order.numel() else None
-        self._position = int(state.get("position", 0)) if self._order is not None else 0
+        order = order.cpu() if isinstance(order, Tensor) and order.numel() else None
+        position = int(state.get("position", 0)) if order is not None else 0
+        if order is not None and (order.numel() != self.x.shape[0] or not 0 <= position <= len(self)):
+            raise CheckpointError(f"the saved loader position is for a training set of {order.numel()} samples, "
+                                  f"this one has {self.x.shape[0]}: the data set changed since the checkpoint was "
+                                  f"saved; resume needs the same data")
+        self.generator.set_state(state["generator"])
+        self._order, self._position = order, position
 
 
 def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:

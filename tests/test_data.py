@@ -26,7 +26,7 @@ from ib.data import (
     random_crop_flip,
     read_idx,
 )
-from ib.errors import ConfigError, DataError
+from ib.errors import CheckpointError, ConfigError, DataError
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -148,6 +148,12 @@ def test_failed_download_raises_data_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="download .* failed") as err:
         load_data("mnist", root=str(tmp_path), download=True, val_fraction=0.0, seed=0)
     assert "\n" not in str(err.value)
+    assert "put the four IDX files (train-images-idx3-ubyte" in str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in str(err.value)  # the folders the loader searches
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match="download .* failed") as err:
+        load_data("cifar10", root=str(tmp_path), download=True, val_fraction=0.0, seed=0)
+    assert f"batches.meta in {tmp_path / 'cifar-10-batches-py'} (extract cifar-10-python.tar.gz into" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,14 +294,35 @@ def test_image_folder_cache_written_reused_and_invalidated(tmp_path, monkeypatch
         cached = load_data("image_folder", root=str(tmp_path), download=False, val_fraction=0.0, seed=0)
     assert torch.equal(cached.train.x, first.train.x) and torch.equal(cached.test.y, first.test.y)
 
-    # A class folder changed after the cache was written: decode again.
-    future = os.stat(tmp_path / ".ib_cache_train_native.pt").st_mtime + 10
-    os.utime(tmp_path / "train" / "dog", (future, future))
     decoded = []
     real = data._decode_image
     monkeypatch.setattr(data, "_decode_image", lambda *a: decoded.append(a) or real(*a))
-    load_data("image_folder", root=str(tmp_path), download=False, val_fraction=0.0, seed=0)
-    assert len(decoded) == 6  # the train part only; the test cache still holds
+
+    def reload_decodes() -> int:
+        decoded.clear()
+        splits = load_data("image_folder", root=str(tmp_path), download=False, val_fraction=0.0, seed=0)
+        return len(decoded), splits
+
+    # A file added in a nested folder (ImageFolder walks class folders recursively) while the folders keep their
+    # times, as `tar x` or `cp -a` leave them: the train part is decoded again, the test cache still holds.
+    folders = [tmp_path / "train", tmp_path / "train" / "dog"]
+    times = [os.stat(f).st_mtime_ns for f in folders]
+    (tmp_path / "train" / "dog" / "more").mkdir()
+    Image.fromarray(np.zeros((5, 6, 3), dtype=np.uint8)).save(tmp_path / "train" / "dog" / "more" / "9.png")
+    for f, t in zip([*folders, tmp_path / "train" / "dog" / "more"], [*times, times[-1]]):
+        os.utime(f, ns=(t, t))
+    count, splits = reload_decodes()
+    assert count == 7 and splits.train.x.shape[0] == 7
+
+    # A file replaced by one with other pixels and an older time, the folders' times put back: decoded again.
+    target = tmp_path / "train" / "cat" / "0.png"
+    old = os.stat(target).st_mtime_ns
+    Image.fromarray(np.full((5, 6, 3), 200, dtype=np.uint8)).save(target)
+    os.utime(target, ns=(old - 10**9, old - 10**9))
+    os.utime(tmp_path / "train" / "cat", ns=(times[0], times[0]))
+    count, splits = reload_decodes()
+    assert count == 7 and int(splits.train.x[0].max()) == 200 == int(splits.train.x[0].min())
+    assert reload_decodes()[0] == 0  # and cached again
 
 
 def test_image_folder_other_formats(tmp_path):
@@ -432,6 +459,18 @@ def test_loader_state_dict_round_trip():
     b = BatchLoader(labelled(20), 4, shuffle=True, drop_last=False, seed=123)
     b.load_state_dict(state)
     assert epoch_order(b) == expected
+
+
+@pytest.mark.parametrize("n", [12, 30])
+def test_loader_refuses_a_mid_epoch_state_saved_for_another_data_size(n):
+    a = BatchLoader(labelled(20), 4, shuffle=True, drop_last=True, seed=0)
+    batches = iter(a)
+    next(batches)  # stopped part-way: the state holds the epoch's order over 20 samples
+    state = a.state_dict()
+    b = BatchLoader(labelled(n), 4, shuffle=True, drop_last=True, seed=0)
+    with pytest.raises(CheckpointError, match=f"training set of 20 samples, this one has {n}"):
+        b.load_state_dict(state)
+    assert epoch_order(b) == epoch_order(BatchLoader(labelled(n), 4, shuffle=True, drop_last=True, seed=0))
 
 
 def test_loader_converts_uint8_to_unit_float():

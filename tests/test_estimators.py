@@ -72,6 +72,14 @@ def test_estimate_mi_is_repeatable_and_leaves_global_rng_alone():
     assert a == ib.estimate_mi(x, y, steps=100, seed=5)
 
 
+def test_estimate_mi_refuses_a_holdout_of_one_sample_before_training():
+    x, y = correlated_gaussians(10, 2, 1.0)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="leaves 1 held-out sample of N=10"):
+        ib.estimate_mi(x, y, steps=10_000, holdout=0.1)
+    assert time.perf_counter() - start < 1.0  # checked before the critic's 10,000 steps
+
+
 def test_dv_bound_closed_form():
     t_joint = torch.tensor([1.0, 2.0, 3.0])
     t_marg = torch.tensor([0.0, math.log(3.0)])

@@ -76,6 +76,9 @@ def estimate_mi(
     n_train = n - int(round(holdout * n))
     if n_train < 2 or steps < 1 or batch_size < 2:
         raise ConfigError(f"need at least 2 training samples, steps >= 1 and batch_size >= 2 (N={n}, steps={steps})")
+    if 0 < n - n_train < 2:
+        raise ConfigError(f"holdout={holdout} leaves {n - n_train} held-out sample of N={n}; the estimate needs at "
+                          f"least 2 (raise holdout, or 0 to estimate on the training samples)")
     x, y = x.float(), y.float()
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         torch.manual_seed(seed)
