@@ -766,7 +766,7 @@ class BatchLoader:
         order = state.get("order")
         order = order.cpu() if isinstance(order, Tensor) and order.numel() else None
         position = int(state.get("position", 0)) if order is not None else 0
-        if order is not None and (order.numel() != self.x.shape[0] or not 0 <= position <= len(self)):
+        if order is not None and order.numel() != self.x.shape[0]:
             raise CheckpointError(f"the saved loader position is for a training set of {order.numel()} samples, "
                                   f"this one has {self.x.shape[0]}: the data set changed since the checkpoint was "
                                   f"saved; resume needs the same data")

@@ -502,7 +502,7 @@ def evaluate_model(
                 "step_rule": "step = step_size * eps / steps", "restarts": restarts, "samples": samples,
                 "eot_samples": eot_samples, "loss": loss, "batch_size": batch_size, "seed": seed, "ece_bins": ece_bins,
                 "tolerance": tolerance, "check_samples": check_samples}
-    headline = headline_robust_accuracy(rows, variants[-1].name)
+    headline = headline_robust_accuracy(rows, "sampled" if samples > 0 else "mean")
     return {"n": len(split.y), "clean": clean, "clean_seconds": clean_seconds, "robustness": rows,
             "robust_accuracy": headline["accuracy"] if headline else None, "robust_accuracy_of": headline,
             "checks": checks,

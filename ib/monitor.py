@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Protocol
 
 from ib.checkpoint import atomic_write
+from ib.errors import ConfigError
+from ib.recipe import Recipe, load_recipe
 
 
 class EpochLogger(Protocol):
@@ -121,21 +123,18 @@ def is_upper_bound(estimator: Optional[str]) -> bool:
     return estimator in _UPPER_BOUNDS
 
 
-def run_estimator(run_dir: str | Path) -> Optional[str]:
-    """The `mi.estimator` registry name in a run folder's `recipe.yaml`; None when the recipe disables the
-    estimator, or when the file is missing or unreadable (labels then name no estimator)."""
-    import yaml
+def recipe_estimator(recipe: Recipe) -> Optional[str]:
+    """The registry name of the recipe's I(X;Z) estimator (`mi.estimator`), None when `mi.enabled` is off."""
+    return recipe.mi.estimator.name if recipe.mi.enabled else None
 
+
+def run_estimator(run_dir: str | Path) -> Optional[str]:
+    """`recipe_estimator` of a run folder's `recipe.yaml`; None when the file is missing or unreadable (labels then
+    name no estimator)."""
     try:
-        raw = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return recipe_estimator(load_recipe(Path(run_dir) / "recipe.yaml"))
+    except ConfigError:
         return None
-    mi = raw.get("mi") if isinstance(raw, dict) else None
-    if not isinstance(mi, dict) or mi.get("enabled") is False:
-        return None
-    name = mi.get("estimator")
-    name = name.get("name") if isinstance(name, dict) else name
-    return name if isinstance(name, str) else None
 
 
 class CSVHistory:

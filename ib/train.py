@@ -37,7 +37,7 @@ from ib.estimators import ESTIMATORS, MIEstimator
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
-from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, write_json
+from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, recipe_estimator, write_json
 from ib.objectives import TrainForward, fused_minimax_objective, ib_objective
 from ib.plane import information_plane, to_units
 from ib.recipe import OptimConfig, Precision, Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
@@ -904,7 +904,7 @@ def _fit(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optio
                 CSVHistory(run_dir / "history.csv", run.epoch),
                 TensorBoardLogger(run_dir, run.epoch, units=recipe.monitor.units,
                                   plane_figure=recipe.monitor.plane_figure,
-                                  estimator=recipe.mi.estimator.name if recipe.mi.enabled else None),
+                                  estimator=recipe_estimator(recipe)),
             ]
         probe = _probe_set(run)
         previous = stop.install() if handle_signals else {}
