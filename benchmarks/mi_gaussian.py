@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from ib.estimators import ESTIMATORS  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
-from ib.train import build_optimizer  # noqa: E402
+from ib.engine.build import build_optimizer  # noqa: E402
 
 DIM = 20
 HIDDEN = 256

@@ -10,7 +10,7 @@ change in the machine's load falls on all of them alike; the goals' ratios are a
   2. a plain PyTorch reference loop: tensors in memory, the same network, cross-entropy only, torch's default Adam
      (ib's own path uses fused Adam where torch has it); and MINE-IB written in plain PyTorch with the same
      algorithm as ib's step (`reference_mine_loop`), the peer of ib's MINE-IB loop;
-  3. ib's training code path (`ib.train.train_one_epoch` on a `BatchLoader`) with beta = 0 (deterministic
+  3. ib's training code path (`ib.engine.train_one_epoch` on a `BatchLoader`) with beta = 0 (deterministic
      encoder, no critic) and with MINE (the recipe's statistics network);
   4. model FLOPs per sample counted by torch.utils.flop_counter.FlopCounterMode on one real step, achieved
      FLOP/s and utilisation = achieved / peak at the step's own matmuls;
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from ib.data import BatchLoader, Split  # noqa: E402
 from ib.recipe import Precision, load_recipe  # noqa: E402
-from ib.train import StepStats, autocast, build_run, train_one_epoch, train_step  # noqa: E402
+from ib.engine import StepStats, autocast, build_run, train_one_epoch, train_step  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 NOISE_OFF = ["mi.critic.input_noise=0", "mi.critic.hidden_noise=0"]
@@ -267,16 +267,17 @@ def reference_mine_loop(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int
 
 @dataclass
 class IBLoop:
-    epoch: Callable[[], None]  # one epoch of `steps` batches through ib.train.train_one_epoch
+    epoch: Callable[[], None]  # one epoch of `steps` batches through ib.engine.train_one_epoch
     flops: float  # counted FLOPs per sample of one step
     matmuls: List[Tuple[int, int, int]]  # (M, K, N) of that step's matrix products
-    run: Any  # the ib.train.Run it trains
+    run: Any  # the ib.engine.Run it trains
 
 
 def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.device, precision: Precision = "fp32"
             ) -> IBLoop:
     """ib's training path on the first `steps` batches of a recipe's data, with one step counted."""
-    recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}", f"precision={precision}"])
+    recipe = load_recipe(recipe_path, [*overrides, f"device={device.type}", f"precision={precision}",
+                                       "log_every=1000000000", "max_nonfinite_steps=1000000000"])
     run = build_run(recipe)
     b = recipe.data.batch_size
     n = steps * b
@@ -285,11 +286,7 @@ def ib_loop(recipe_path: Path, overrides: List[str], steps: int, device: torch.d
     state = {"step": 0}
 
     def run_epoch() -> None:
-        state["step"] = train_one_epoch(
-            run.model, run.estimator, loader, run.optimizer, run.critic_optimizer, run.beta_schedule,
-            StepStats.zeros(device), step=state["step"], critic_steps=recipe.mi.critic_steps,
-            grad_clip=recipe.optimizer.grad_clip, max_nonfinite=10**9, log_every=10**9, fused=recipe.mi.fused,
-            precision=recipe.precision)
+        state["step"] = train_one_epoch(run, loader, StepStats.zeros(device), step=state["step"])
 
     x, y = next(iter(BatchLoader(split, b, shuffle=False, drop_last=True, device=device)))
     flops, matmuls = counted(lambda: train_step(

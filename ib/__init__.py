@@ -13,7 +13,7 @@ _LAZY = {
     "estimate_mi": "ib.estimators.estimate",
     "load_recipe": "ib.recipe",
     "Recipe": "ib.recipe",
-    "fit": "ib.train",
+    "fit": "ib.engine",
 }
 
 

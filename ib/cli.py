@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from ib import __version__
-from ib.errors import IBError
+from ib.errors import ConfigError, IBError
 
 log = logging.getLogger("ib")
 
@@ -46,6 +47,32 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
+def parse_list(text: str, what: str, kind: Callable[[str], Any] = float) -> List[Any]:
+    """`"0,1e-4,1e-3"` -> [0.0, 1e-4, 1e-3]: numbers, finite, >= 0, no duplicates; else a one-line ConfigError."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise ConfigError(f"--{what}: expected a comma-separated list like 0,1e-3,1e-2, got '{text}'")
+    values = []
+    for t in items:
+        try:
+            v = kind(t)
+        except ValueError:
+            raise ConfigError(f"--{what}: '{t}' is not a {'number' if kind is float else 'whole number'}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"--{what}: '{t}' is not finite")
+        if v < 0:
+            raise ConfigError(f"--{what}: '{t}' is negative; {what} must be >= 0")
+        values.append(v)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--{what}: '{text}' lists a value twice")
+    return values
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _train(args: argparse.Namespace) -> int:
     from ib.recipe import load_recipe  # ib.train (torch) is imported once the recipe has been read
 
@@ -58,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
                 _usage_exit("with --resume give no recipe: the run folder holds its own (only epochs=N may change)")
             overrides.insert(0, args.recipe)
         run_dir = Path(args.resume)
-        from ib.train import resume_recipe
+        from ib.engine import resume_recipe
 
         recipe = resume_recipe(run_dir, overrides)
     else:
@@ -66,12 +93,17 @@ def _train(args: argparse.Namespace) -> int:
             _usage_exit("give a recipe (e.g. ib train recipes/digits.yaml) or --resume RUN_DIR")
         recipe = load_recipe(args.recipe, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else Path(recipe.output_dir) / recipe.name
-    from ib.train import fit
+    from ib.engine import fit
 
     metrics = fit(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite, stop_after=args.stop_after,
                   handle_signals=True)
+    if metrics["status"] == "completed" and recipe.eval.enabled and _rank() == 0:
+        # The recipe's `eval:` section, as `ib eval RUN_DIR` (in one process, after the others have left).
+        from ib.evaluate import evaluate_run
+
+        evaluate_run(run_dir)
     if metrics["status"] == "interrupted":
-        if int(os.environ.get("RANK", "0") or 0) > 0:
+        if _rank() > 0:
             return EXIT_INTERRUPTED
         log.warning("interrupted: last.pt saved; continue with: ib train --resume %s", run_dir)
         return EXIT_INTERRUPTED
@@ -84,10 +116,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from ib.sweep import parse_list, run_sweep
-
     betas = parse_list(args.beta, "beta")
     seeds = parse_list(args.seeds, "seeds", int)
+    from ib.sweep import run_sweep
+
     rows = run_sweep(args.recipe, betas, seeds, args.overrides, args.sweep_dir, handle_signals=True,
                      nproc_per_node=args.nproc_per_node)
     if any(r["status"] != "completed" for r in rows):
@@ -99,20 +131,34 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plane(args: argparse.Namespace) -> int:
-    from ib.plots import write_plane_plots
+    from ib.monitor import write_plane_plots
 
     for path in write_plane_plots(Path(args.dir)):
         log.info("wrote %s", path)
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from ib.evaluate import evaluate_run, parse_eval_args
+# `ib eval` options: each is the shorthand of an `eval.<key>=value` recipe override.
+_EVAL_FLAGS = ("split", "attacks", "eps", "eps_l2", "sigmas", "steps", "samples", "eot_samples", "loss", "limit",
+               "restarts", "batch_size")
+_EVAL_LISTS = ("attacks", "eps", "eps_l2", "sigmas")  # given as comma-separated text
 
-    overrides = parse_eval_args(split=args.split, attacks=args.attacks, eps=args.eps, eps_l2=args.eps_l2,
-                                sigmas=args.sigmas, steps=args.steps, samples=args.samples, limit=args.limit,
-                                restarts=args.restarts, batch_size=args.batch_size, eot_samples=args.eot_samples,
-                                loss=args.loss)
+
+def eval_overrides(args: argparse.Namespace) -> List[str]:
+    """`ib eval`'s options as `eval.key=value` overrides (lists as YAML lists), then its own `eval.*` overrides;
+    the recipe checker checks them all, so its errors name the recipe key (e.g. `eval.eps`)."""
+    out = []
+    for key in _EVAL_FLAGS:
+        value = getattr(args, key)
+        if value is not None:
+            out.append(f"eval.{key}=[{value}]" if key in _EVAL_LISTS else f"eval.{key}={value}")
+    return out + list(args.overrides)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ib.evaluate import evaluate_run
+
+    overrides = eval_overrides(args)
     report = evaluate_run(args.checkpoint, overrides)
     failed = [c["name"] for c in report["checks"] if c["passed"] is False]
     of = report["robust_accuracy_of"]
@@ -161,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a run's best.pt (or a given .pt) with its recipe's eval settings, updated by the options; "
                         "writes eval.json, robustness.csv and robustness.png beside it and to its TensorBoard.")
     ev.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    ev.add_argument("overrides", nargs="*", metavar="eval.key=value", help="e.g. eval.eps=[0.1,0.2] eval.steps=40; "
+                    "each option below is the shorthand of one")
     ev.add_argument("--split", choices=["test", "val"], help="split to evaluate (default: test)")
     ev.add_argument("--attacks", metavar="LIST", help="comma-separated: fgsm,pgd_linf,pgd_l2,eot_pgd,noise")
     ev.add_argument("--eps", metavar="LIST", help="L-inf radii in the [0, 1] pixel scale, e.g. 0.05,0.1,0.2")

@@ -1,7 +1,9 @@
-"""What a run writes beside its training loop: TensorBoard scalars, `history.csv` and `metrics.json`.
+"""What runs write beside their work: TensorBoard scalars and figures, `history.csv`, JSON and CSV files, and the
+PNG figures of a run, a sweep or an evaluation.
 
 Each logger takes the epoch's row of metrics (a flat dict with hierarchical keys such as `loss/ce`, `mi/I_XZ`,
-`acc/val`) after the loop has computed it; none of them computes anything itself.
+`acc/val`) after the loop has computed it; none of them computes anything itself. The figures themselves are pure
+functions in `ib.plots`; this module reads the files they are drawn from and writes them.
 """
 from __future__ import annotations
 
@@ -10,156 +12,14 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
 
 from ib.checkpoint import atomic_write
 from ib.errors import ConfigError
-from ib.recipe import Recipe, load_recipe
+from ib.plots import accuracy_figure, ib_curve_figure, plane_figure, robustness_figure
 
-
-class EpochLogger(Protocol):
-    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class TensorBoardLogger:
-    """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
-    I(X;Z) inside its band (a critic's lower estimate to the KL upper bound; vib_kl's estimate is that bound, so it
-    is drawn alone), and the information-plane trajectory as a figure each epoch.
-
-    `estimator` is the recipe's `mi.estimator` registry name (None: no estimator), which names the charts.
-
-    On resume, events at or after the resumed epoch are purged, so an epoch that was logged but not checkpointed
-    before a crash does not appear twice; the trajectory so far is read back from `history.csv`.
-    """
-
-    def __init__(self, run_dir: str | Path, resume_epoch: int = 0, *, units: str = "nats",
-                 plane_figure: bool = True, estimator: Optional[str] = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir), purge_step=resume_epoch + 1 if resume_epoch else None)
-        self.units = units
-        self.estimator = estimator
-        self.plane_figure = plane_figure
-        self.points: List[Dict[str, float]] = []
-        history = Path(run_dir) / "history.csv"
-        if resume_epoch and history.exists():
-            with history.open(newline="") as f:
-                self.points = [_plane_point(int(r["epoch"]), r) for r in csv.DictReader(f)
-                               if int(r["epoch"]) <= resume_epoch]
-        if not resume_epoch:
-            self.writer.add_custom_scalars(information_layout(units, self.estimator))
-
-    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
-        for tag, value in row.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, epoch)
-        self.points.append(_plane_point(epoch, row))
-        if self.plane_figure:
-            from ib.plots import plane_figure
-
-            figure = plane_figure(self.points, self.units, estimator=self.estimator)
-            self.writer.add_figure("mi/information_plane", figure, epoch)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _plane_point(epoch: int, row: Mapping[str, Any]) -> Dict[str, float]:
-    def num(key: str) -> float:
-        try:
-            return float(row.get(key, math.nan))
-        except (TypeError, ValueError):  # an empty CSV cell
-            return math.nan
-
-    return {"epoch": epoch, "I_XZ": num("mi/I_XZ"), "I_XZ_upper": num("mi/I_XZ_upper"), "I_ZY": num("mi/I_ZY")}
-
-
-def information_layout(units: str, estimator: Optional[str] = "mine") -> Dict[str, Any]:
-    """TensorBoard custom-scalars layout. I(X;Z): a margin chart of the estimate inside [estimate, KL upper bound]
-    for a critic's lower bound; for `vib_kl`, whose `mi/I_XZ` is the KL upper bound itself, one line.
-
-    Args:
-        units: "nats" or "bits", for the chart titles.
-        estimator: the recipe's `mi.estimator` registry name (None: no estimator), for the chart titles.
-    """
-    if is_upper_bound(estimator):
-        xz = {f"I(X;Z) [{units}]: {estimate_name(estimator)}": ["Multiline", ["mi/I_XZ"]]}
-    else:
-        what = estimate_name(estimator) or "critic"
-        band = f"{what} estimate within [{what}, KL upper bound]"
-        xz = {f"I(X;Z) [{units}]: {band}": ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]}
-    return {
-        "information plane": {
-            **xz,
-            f"I(Z;Y) [{units}] and H(Y)": ["Multiline", ["mi/I_ZY", "mi/H_Y"]],
-            "accuracy": ["Multiline", ["acc/train", "acc/val", "acc/test"]],
-        }
-    }
-
-
-# The estimator behind `mi/I_XZ`, by `mi.estimator` (README, "MI estimators", says what each one reports).
-_NAMES: Dict[str, str] = {"mine": "MINE", "mine_f": "MINE-f", "infonce": "InfoNCE", "smile": "SMILE", "jsd": "JSD",
-                          "vib_kl": "KL upper bound"}
-_UPPER_BOUNDS = ("vib_kl",)  # estimators whose `mi/I_XZ` is the KL upper bound (the same as `mi/I_XZ_upper`)
-
-
-def estimate_name(estimator: Optional[str]) -> str:
-    """What `mi/I_XZ` is, for labels: "MINE" for `mine`, "KL upper bound" for `vib_kl`, the registry name itself
-    for an estimator registered elsewhere, "" when there is none."""
-    return "" if estimator is None else _NAMES.get(estimator, estimator)
-
-
-def xz_label(units: str, estimator: Optional[str]) -> str:
-    """The axis label of the held-out I(X;Z), e.g. "I(X;Z) [nats] (MINE, held-out)"."""
-    what = estimate_name(estimator)
-    return f"I(X;Z) [{units}] ({what + ', ' if what else ''}held-out)"
-
-
-def is_upper_bound(estimator: Optional[str]) -> bool:
-    """Whether `estimator`'s `mi/I_XZ` is the KL upper bound, so that there is no band to draw."""
-    return estimator in _UPPER_BOUNDS
-
-
-def recipe_estimator(recipe: Recipe) -> Optional[str]:
-    """The registry name of the recipe's I(X;Z) estimator (`mi.estimator`), None when `mi.enabled` is off."""
-    return recipe.mi.estimator.name if recipe.mi.enabled else None
-
-
-def run_estimator(run_dir: str | Path) -> Optional[str]:
-    """`recipe_estimator` of a run folder's `recipe.yaml`; None when the file is missing or unreadable (labels then
-    name no estimator)."""
-    try:
-        return recipe_estimator(load_recipe(Path(run_dir) / "recipe.yaml"))
-    except ConfigError:
-        return None
-
-
-class CSVHistory:
-    """`history.csv`: one row per epoch; rewritten whole each epoch (small), so it never holds a half row."""
-
-    def __init__(self, path: str | Path, resume_epoch: int = 0) -> None:
-        self.path = Path(path)
-        self.rows: List[Dict[str, Any]] = []
-        if resume_epoch and self.path.exists():
-            with self.path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
-
-    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
-        self.rows.append({"epoch": epoch, **row})
-        columns: List[str] = []
-        for r in self.rows:
-            columns += [k for k in r if k not in columns]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.path, lambda f: f.write(buf.getvalue().encode()))
-
-    def close(self) -> None:
-        pass
+# ---------------------------------------------------------------------------------------------------------------------
+# Files
 
 
 def _json_safe(value: Any) -> Any:
@@ -176,3 +36,263 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     """Write JSON atomically; non-finite floats become null (JSON has no NaN)."""
     text = json.dumps(_json_safe(dict(data)), indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: str | Path) -> Optional[Dict[str, Any]]:
+    """A JSON object written by `write_json`; None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> None:
+    """Write rows atomically under `columns` (default: every key, in order of first appearance; keys outside
+    `columns` are left out, missing cells left blank)."""
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+TEXT_COLUMNS = ("run", "status", "units", "attack", "variant", "threat", "loss")
+
+
+def read_csv(path: str | Path) -> List[Dict[str, Any]]:
+    """A CSV file back as rows, with floats where the cells hold numbers (but in `TEXT_COLUMNS`); blank cells stay
+    blank."""
+    rows = []
+    with Path(path).open(newline="") as f:
+        for r in csv.DictReader(f):
+            out: Dict[str, Any] = {}
+            for k, v in r.items():
+                try:
+                    out[k] = float(v) if k not in TEXT_COLUMNS else v
+                except (TypeError, ValueError):
+                    out[k] = v
+            rows.append(out)
+    return rows
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # an empty CSV cell, a missing key
+        return math.nan
+
+
+def plane_point(epoch: int, row: Mapping[str, Any]) -> Dict[str, float]:
+    """The information-plane point of an epoch's row (or of its `history.csv` line)."""
+    return {"epoch": epoch, "I_XZ": _number(row.get("mi/I_XZ")), "I_XZ_upper": _number(row.get("mi/I_XZ_upper")),
+            "I_ZY": _number(row.get("mi/I_ZY"))}
+
+
+def history_points(run_dir: str | Path, up_to: Optional[int] = None) -> List[Dict[str, float]]:
+    """The plane points of a run folder's `history.csv` (epochs up to `up_to`, when given)."""
+    return [plane_point(int(r["epoch"]), r) for r in read_csv(Path(run_dir) / "history.csv")
+            if up_to is None or int(r["epoch"]) <= up_to]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Epoch loggers
+
+
+class EpochLogger(Protocol):
+    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CSVHistory:
+    """`history.csv`: one row per epoch; rewritten whole each epoch (small), so it never holds a half row."""
+
+    def __init__(self, path: str | Path, resume_epoch: int = 0) -> None:
+        self.path = Path(path)
+        self.rows: List[Dict[str, Any]] = []
+        if resume_epoch and self.path.exists():
+            with self.path.open(newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+
+    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
+        self.rows.append({"epoch": epoch, **row})
+        write_csv(self.path, self.rows)
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardLogger:
+    """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
+    I(X;Z) inside its band (a critic's lower estimate to the KL upper bound; an estimate that is itself the upper
+    bound is drawn alone), and the information-plane trajectory as a figure each epoch.
+
+    Args:
+        run_dir: the run folder (TensorBoard's log dir).
+        resume_epoch: on resume, events at or after the next epoch are purged, so an epoch that was logged but not
+            checkpointed before a crash does not appear twice; the trajectory so far is read back from
+            `history.csv`.
+        units: of the information quantities, for titles.
+        plane_figure: draw the plane's trajectory each epoch.
+        xz_name: what `mi/I_XZ` is ("MINE", "KL upper bound", ...; "" without an estimator), for titles.
+        upper_bound: whether `mi/I_XZ` is the KL upper bound itself (no band to draw).
+    """
+
+    def __init__(self, run_dir: str | Path, resume_epoch: int = 0, *, units: str = "nats",
+                 plane_figure: bool = True, xz_name: str = "", upper_bound: bool = False) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard's writer only where one is made
+
+        self.writer = SummaryWriter(str(run_dir), purge_step=resume_epoch + 1 if resume_epoch else None)
+        self.units, self.xz_name, self.upper_bound = units, xz_name, upper_bound
+        self.plane_figure = plane_figure
+        self.points: List[Dict[str, float]] = []
+        if resume_epoch and (Path(run_dir) / "history.csv").exists():
+            self.points = history_points(run_dir, up_to=resume_epoch)
+        if not resume_epoch:
+            self.writer.add_custom_scalars(information_layout(units, xz_name, upper_bound))
+
+    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
+        for tag, value in row.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, epoch)
+        self.points.append(plane_point(epoch, row))
+        if self.plane_figure:
+            figure = plane_figure(self.points, self.units, xz_name=self.xz_name, upper_bound=self.upper_bound)
+            self.writer.add_figure("mi/information_plane", figure, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def information_layout(units: str, xz_name: str = "MINE", upper_bound: bool = False) -> Dict[str, Any]:
+    """TensorBoard custom-scalars layout. I(X;Z): a margin chart of the estimate inside [estimate, KL upper bound]
+    for a critic's lower bound; one line when the estimate is the KL upper bound itself (`upper_bound`).
+
+    Args:
+        units: "nats" or "bits", for the chart titles.
+        xz_name: what `mi/I_XZ` is, for the chart titles ("" without an estimator).
+        upper_bound: whether `mi/I_XZ` is the KL upper bound itself.
+    """
+    if upper_bound:
+        xz = {f"I(X;Z) [{units}]: {xz_name}": ["Multiline", ["mi/I_XZ"]]}
+    else:
+        what = xz_name or "critic"
+        band = f"{what} estimate within [{what}, KL upper bound]"
+        xz = {f"I(X;Z) [{units}]: {band}": ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]}
+    return {
+        "information plane": {
+            **xz,
+            f"I(Z;Y) [{units}] and H(Y)": ["Multiline", ["mi/I_ZY", "mi/H_Y"]],
+            "accuracy": ["Multiline", ["acc/train", "acc/val", "acc/test"]],
+        }
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures of a run folder, a sweep folder and an evaluation
+
+
+def write_plane_plots(folder: str | Path) -> List[Path]:
+    """PNG files for papers, without TensorBoard: a run folder gets `plane.png`; a sweep folder gets
+    `ib_curve.png`, `accuracy_vs_beta.png` and a `plane.png` in each run folder.
+
+    A run folder's `metrics.json` says which estimator `mi/I_XZ` comes from (its "estimator" entry); a folder
+    without it is drawn with no estimator named.
+
+    Raises:
+        ConfigError: `folder` holds neither a run (history.csv) nor a sweep (sweep.csv).
+    """
+    folder = Path(folder)
+    written: List[Path] = []
+    if (folder / "sweep.csv").is_file():
+        rows = read_csv(folder / "sweep.csv")
+        units = next((str(r["units"]) for r in rows if r.get("units")), "nats")
+        written += write_sweep_plots(folder, rows, units)
+        for r in rows:
+            run_dir = folder / str(r["run"])
+            if (run_dir / "history.csv").is_file():
+                written += write_plane_plots(run_dir)
+        return written
+    if (folder / "history.csv").is_file():
+        metrics = read_json(folder / "metrics.json") or {}
+        estimator = metrics.get("estimator") if isinstance(metrics.get("estimator"), dict) else {}
+        path = folder / "plane.png"
+        figure = plane_figure(history_points(folder), metrics.get("units", "nats"), title=folder.name,
+                              xz_name=str(estimator.get("label", "")),
+                              upper_bound=bool(estimator.get("upper_bound", False)))
+        figure.savefig(str(path))
+        return [path]
+    raise ConfigError(f"{folder} holds neither a run (history.csv) nor a sweep (sweep.csv)")
+
+
+def write_sweep_plots(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], units: str) -> List[Path]:
+    """`ib_curve.png` and `accuracy_vs_beta.png` of a sweep, from its completed runs' rows."""
+    done = [r for r in rows if r.get("status") == "completed"]
+    paths = [sweep_dir / "ib_curve.png", sweep_dir / "accuracy_vs_beta.png"]
+    ib_curve_figure(done, units).savefig(str(paths[0]))
+    keys = ["test_accuracy"] + (["robust_accuracy"] if any(isinstance(r.get("robust_accuracy"), float)
+                                                           for r in done) else [])
+    accuracy_figure(done, keys).savefig(str(paths[1]))
+    return paths
+
+
+ROBUSTNESS_COLUMNS = ["attack", "variant", "threat", "eps", "loss", "accuracy", "accuracy_per_draw", "n", "seconds"]
+
+
+def write_eval_outputs(run_dir: Path, report: Mapping[str, Any], attacks: Sequence[str], *,
+                       tensorboard: bool = True) -> None:
+    """`eval.json`, `robustness.csv`, `robustness.png`, and TensorBoard (tags `robust/<attack>/<variant>`, with
+    `<attack>_margin` for the margin loss, step = round(1000 * eps); clean metrics under `eval/...` and the figure
+    at the checkpoint's epoch). `attacks`: every attack name, in the order that gives each its colour.
+
+    The TensorBoard events go to their own run, `<run_dir>/eval/<checkpoint stem>/` (see `eval_log_dir`): in the
+    run folder itself, a resumed training's writer (which purges steps after the resumed epoch) would delete the
+    eps-indexed points. Evaluating the same checkpoint again replaces its previous events instead of adding a second
+    point at every step.
+    """
+    run_dir = Path(run_dir)
+    write_json(run_dir / "eval.json", report)
+    write_csv(run_dir / "robustness.csv", report["robustness"], ROBUSTNESS_COLUMNS)
+    ckpt = Path(report["checkpoint"])
+    title = f"{ckpt.parent.name}/{ckpt.name}, {report['split']} ({report['n']} samples)"
+    fig = robustness_figure(report["robustness"], attacks, title)
+    fig.savefig(run_dir / "robustness.png")
+    if tensorboard:
+        _eval_events(eval_log_dir(run_dir, report["checkpoint"]), report, fig)
+
+
+def _eval_events(log_dir: Path, report: Mapping[str, Any], fig: Any) -> None:
+    from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard's writer only where one is made
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # The previous evaluation's event files, removed once this one is written (so a failure keeps them).
+    stale = [f for f in log_dir.glob("events.out.tfevents.*") if f.is_file()]
+    writer = SummaryWriter(str(log_dir))
+    try:
+        for r in report["robustness"]:
+            attack = r["attack"] + ("_margin" if r.get("loss") == "margin" else "")  # another attack's curve
+            writer.add_scalar(f"robust/{attack}/{r['variant']}", r["accuracy"], round(1000 * r["eps"]))
+        epoch = int(report.get("epoch", 0))
+        for variant, metrics in report["clean"].items():
+            for key in ("accuracy", "nll", "ece"):
+                writer.add_scalar(f"eval/{key}/{variant}", metrics[key], epoch)
+        writer.add_figure("robust/accuracy_vs_eps", fig, epoch, close=False)
+        lines = ["| check | passed | detail |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {c['passed']} | {c['detail']} |" for c in report["checks"]]
+        writer.add_text("eval/checks", "\n".join(lines), epoch)
+    finally:
+        writer.close()
+    for f in stale:
+        f.unlink(missing_ok=True)
+
+
+def eval_log_dir(run_dir: str | Path, checkpoint: str | Path) -> Path:
+    """The TensorBoard folder of an evaluation of `checkpoint`: `<run_dir>/eval/<checkpoint stem>`, a run of its own
+    beside the training run (`tensorboard --logdir` on the run folder shows both), one per checkpoint evaluated."""
+    return Path(run_dir) / "eval" / Path(checkpoint).stem

@@ -21,17 +21,13 @@ from ib import distributed
 from ib.estimators import MIEstimator, gaussian_kl
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier
+from ib.modes import evaluating
 
 Units = Literal["nats", "bits"]
 
 
 def to_units(nats: float, units: Units) -> float:
     return nats / math.log(2.0) if units == "bits" else nats
-
-
-def label_entropy(y: Tensor, num_classes: int) -> float:
-    """H(Y) in nats from the label frequencies of `y`."""
-    return entropy(torch.bincount(y, minlength=num_classes).double())
 
 
 def entropy(counts: Tensor) -> float:
@@ -62,34 +58,26 @@ def information_plane(
         {"I_XZ": DV bound (NaN without an estimator), "I_XZ_upper": KL bound (NaN unless Gaussian),
          "I_ZY": H(Y) - CE, "H_Y": H(Y)}
     """
-    modes = [(m, m.training) for m in (model, estimator) if m is not None]
-    for m, _ in modes:
-        m.eval()
     device = x.device
-    try:
-        with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            codes, ce = [], torch.zeros((), dtype=torch.float64, device=device)
-            for start in range(0, len(y), batch_size):
-                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-                code = model.encode(xb, sample=True)  # z [B, K]
-                ce += F.cross_entropy(model.decode(code.z), yb, reduction="sum").double()
-                codes.append(code)
-            code = Code(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*codes)))
-            counts = torch.bincount(y, minlength=model.num_classes).double()  # [classes]
-            kl = gaussian_kl(code.mean, code.std).double().sum() if code.std is not None else ce.new_zeros(())
-            if reduce:
-                distributed.reduce_sum_(ce, counts, kl)
-            n = int(counts.sum())
-            h_y = entropy(counts)
-            out = {"I_ZY": h_y - float(ce) / max(n, 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
-            if code.std is not None:
-                out["I_XZ_upper"] = float(kl) / max(n, 1)
-            if estimator is not None and n >= 2:
-                g = torch.Generator().manual_seed(seed)
-                out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,
-                                                 permutations=permutations, generator=g)
-    finally:
-        for m, flag in modes:
-            m.train(flag)
+    with evaluating(model, estimator, seed=seed, device=device), torch.inference_mode():
+        codes, ce = [], torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            code = model.encode(xb, sample=True)  # z [B, K]
+            ce += F.cross_entropy(model.decode(code.z), yb, reduction="sum").double()
+            codes.append(code)
+        code = Code(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*codes)))
+        counts = torch.bincount(y, minlength=model.num_classes).double()  # [classes]
+        kl = gaussian_kl(code.mean, code.std).double().sum() if code.std is not None else ce.new_zeros(())
+        if reduce:
+            distributed.reduce_sum_(ce, counts, kl)
+        n = int(counts.sum())
+        h_y = entropy(counts)
+        out = {"I_ZY": h_y - float(ce) / max(n, 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
+        if code.std is not None:
+            out["I_XZ_upper"] = float(kl) / max(n, 1)
+        if estimator is not None and n >= 2:
+            g = torch.Generator().manual_seed(seed)
+            out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,
+                                             permutations=permutations, generator=g)
     return out

@@ -1,12 +1,16 @@
-"""Figures: a run's information-plane trajectory, a sweep's IB curve and its accuracy against beta.
+"""Figures: a run's information-plane trajectory, a sweep's IB curve and its accuracy against beta, and an
+evaluation's accuracy against the attack radius.
 
-Built with matplotlib's object API (`Figure`, no pyplot), so importing this module never changes a user's backend.
+Pure functions of the rows they are given (no files, no other `ib` module): `ib.monitor` reads the files and saves
+the figures. Built with matplotlib's object API (`Figure`, no pyplot), so importing this module never changes a
+user's backend.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from matplotlib.figure import Figure
 
@@ -15,23 +19,26 @@ def _finite(v: float | None) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def xz_label(units: str, xz_name: str) -> str:
+    """The axis label of the held-out I(X;Z), e.g. "I(X;Z) [nats] (MINE, held-out)"."""
+    return f"I(X;Z) [{units}] ({xz_name + ', ' if xz_name else ''}held-out)"
+
+
 def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", title: str = "", *,
-                 estimator: Optional[str] = "mine") -> Figure:
+                 xz_name: str = "", upper_bound: bool = False) -> Figure:
     """I(X;Z) on x, I(Z;Y) on y, one point per epoch, coloured by epoch; the KL upper bound as a band to the right.
 
     Args:
         points: rows with "epoch", "I_XZ", "I_ZY" and optionally "I_XZ_upper" (in `units`).
-        estimator: the recipe's `mi.estimator` registry name (None: no estimator), which names the x axis; for
-            `vib_kl`, "I_XZ" is the KL upper bound itself and no band is drawn.
+        xz_name: what "I_XZ" is ("MINE", "KL upper bound", ...; "" names nothing), for the x axis.
+        upper_bound: "I_XZ" is the KL upper bound itself: no band is drawn.
     """
-    from ib.monitor import is_upper_bound, xz_label
-
     fig = Figure(figsize=(5.5, 4.2), dpi=100)
     ax = fig.add_subplot()
     pts = [p for p in points if _finite(p.get("I_XZ")) and _finite(p.get("I_ZY"))]
     if pts:
         xs, ys, ep = [p["I_XZ"] for p in pts], [p["I_ZY"] for p in pts], [p["epoch"] for p in pts]
-        upper = [] if is_upper_bound(estimator) else [p.get("I_XZ_upper") for p in pts]
+        upper = [] if upper_bound else [p.get("I_XZ_upper") for p in pts]
         span = max(max(xs) - min(xs), 1e-3)
         if upper and all(_finite(u) for u in upper):
             # The KL bound of a nearly deterministic code is far to the right: draw the band up to the edge of the
@@ -48,7 +55,7 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
             ax.legend(loc="lower right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no I(X;Z) estimate in this run", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel(xz_label(units, estimator))
+    ax.set_xlabel(xz_label(units, xz_name))
     ax.set_ylabel(f"I(Z;Y) [{units}] (H(Y) - CE)")
     ax.set_title(title or "information plane")
     ax.grid(alpha=0.3)
@@ -110,61 +117,28 @@ def accuracy_figure(rows: Sequence[Mapping[str, float]], keys: Sequence[str] = (
     return fig
 
 
-def save_figure(fig: Figure, path: str | Path) -> None:
-    fig.savefig(str(path))
-
-
-def _history_points(run_dir: Path) -> List[Dict[str, float]]:
-    import csv
-
-    def num(v: str) -> float:
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return math.nan
-
-    with (run_dir / "history.csv").open(newline="") as f:
-        return [{"epoch": int(r["epoch"]), "I_XZ": num(r.get("mi/I_XZ", "")), "I_ZY": num(r.get("mi/I_ZY", "")),
-                 "I_XZ_upper": num(r.get("mi/I_XZ_upper", ""))} for r in csv.DictReader(f)]
-
-
-def _units(run_dir: Path) -> str:
-    import json
-
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("units", "nats")
-    except (OSError, ValueError):
-        return "nats"
-
-
-def write_plane_plots(folder: Path) -> List[Path]:
-    """PNG files for papers, without TensorBoard: a run folder gets `plane.png`; a sweep folder gets
-    `ib_curve.png`, `accuracy_vs_beta.png` and a `plane.png` in each run folder.
-
-    Raises:
-        ConfigError: `folder` holds neither a run (history.csv) nor a sweep (sweep.csv).
-    """
-    from ib.errors import ConfigError
-
-    folder = Path(folder)
-    written: List[Path] = []
-    if (folder / "sweep.csv").is_file():
-        from ib.sweep import read_csv, write_plots
-
-        rows = read_csv(folder / "sweep.csv")
-        units = next((str(r["units"]) for r in rows if r.get("units")), "nats")
-        written += write_plots(folder, rows, units)
-        for r in rows:
-            run_dir = folder / str(r["run"])
-            if (run_dir / "history.csv").is_file():
-                written += write_plane_plots(run_dir)
-        return written
-    if (folder / "history.csv").is_file():
-        path = folder / "plane.png"
-        from ib.monitor import run_estimator
-
-        figure = plane_figure(_history_points(folder), _units(folder), title=folder.name,
-                              estimator=run_estimator(folder))
-        save_figure(figure, path)
-        return [path]
-    raise ConfigError(f"{folder} holds neither a run (history.csv) nor a sweep (sweep.csv)")
+def robustness_figure(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str], title: str = "") -> Figure:
+    """Accuracy against radius: one panel per threat (L-inf, L2, noise), one line per attack and variant
+    (solid: mean code; dashed: sampled). `attacks`: every attack name, in the order that gives each its colour."""
+    threats = [t for t in ("linf", "l2", "noise") if any(r["threat"] == t for r in rows)]
+    fig = Figure(figsize=(4.6 * max(len(threats), 1), 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(len(threats), 1), squeeze=False)[0]
+    xlabel = {"linf": "eps (L-inf, [0, 1] pixel scale)", "l2": "eps (L2, [0, 1] pixel scale)",
+              "noise": "noise sigma ([0, 1] pixel scale)"}
+    colours = ["C0", "C1", "C2", "C3", "C4"]  # one per attack, whichever panel it is on
+    for ax, threat in zip(axes, threats):
+        for attack, variant in sorted({(r["attack"], r["variant"]) for r in rows if r["threat"] == threat}):
+            curve = sorted((r["eps"], r["accuracy"]) for r in rows if (r["attack"], r["variant"]) == (attack, variant))
+            ax.plot([e for e, _ in curve], [a for _, a in curve], marker="o", markersize=3,
+                    color=colours[list(attacks).index(attack) % len(colours)],
+                    linestyle="-" if variant == "mean" else "--", label=f"{attack} / {variant}")
+        ax.set_xlabel(xlabel[threat])
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -12,9 +12,6 @@ difference stops the sweep before it trains anything.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
@@ -22,37 +19,18 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from ib.checkpoint import atomic_write
+from ib.engine import fit, resume_recipe
 from ib.errors import ConfigError, IBError
+from ib.evaluate import evaluate_run
+from ib.monitor import read_json, write_csv, write_sweep_plots
 from ib.recipe import Recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["run", "beta", "seed", "status", "test_accuracy", "val_accuracy", "units", "I_XZ", "I_XZ_upper", "I_ZY",
            "H_Y", "I_XZ_nats", "epochs", "train_seconds", "robust_accuracy"]
-
-
-def parse_list(text: str, what: str, kind: Callable[[str], Any] = float) -> List[Any]:
-    """`"0,1e-4,1e-3"` -> [0.0, 1e-4, 1e-3]: numbers, finite, >= 0, no duplicates; else a one-line ConfigError."""
-    items = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(not t for t in items):
-        raise ConfigError(f"--{what}: expected a comma-separated list like 0,1e-3,1e-2, got '{text}'")
-    values = []
-    for t in items:
-        try:
-            v = kind(t)
-        except ValueError:
-            raise ConfigError(f"--{what}: '{t}' is not a {'number' if kind is float else 'whole number'}") from None
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"--{what}: '{t}' is not finite")
-        if v < 0:
-            raise ConfigError(f"--{what}: '{t}' is negative; {what} must be >= 0")
-        values.append(v)
-    if len(set(values)) != len(values):
-        raise ConfigError(f"--{what}: '{text}' lists a value twice")
-    return values
 
 
 def run_name(beta: float, seed: int) -> str:
@@ -118,8 +96,6 @@ def _saved_recipe(run: SweepRun) -> Recipe:
         ConfigError: the run was trained with other settings than the planned ones.
         CheckpointError: `last.pt` is unreadable.
     """
-    from ib.train import resume_recipe  # torch is imported once the plan is checked
-
     try:
         saved = resume_recipe(run.run_dir, [f"epochs={run.recipe.epochs}"])
     except ConfigError as e:
@@ -158,11 +134,7 @@ def check_existing_runs(runs: Sequence[SweepRun]) -> List[SweepRun]:
 
 
 def _metrics_json(run_dir: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json(run_dir / "metrics.json") or {}
 
 
 def _status(run_dir: Path) -> Optional[str]:
@@ -187,37 +159,10 @@ def _row(run: SweepRun) -> Dict[str, Any]:
 
 
 def _robust_accuracy(run_dir: Path) -> Optional[float]:
-    """The headline robust accuracy of `ib eval` (`ib.evaluate.headline_robust_accuracy`) when the run was
+    """The headline robust accuracy of `ib eval` (`ib.robustness.headline_robust_accuracy`) when the run was
     evaluated (its `eval.json`)."""
-    try:
-        data = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        return None
-    value = data.get("robust_accuracy") if isinstance(data, dict) else None
+    value = (read_json(run_dir / "eval.json") or {}).get("robust_accuracy")
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, restval="", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-def read_csv(path: Path) -> List[Dict[str, Any]]:
-    """sweep.csv back as rows with numbers where the cells hold numbers."""
-    rows = []
-    with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            out: Dict[str, Any] = {}
-            for k, v in r.items():
-                try:
-                    out[k] = float(v) if k not in ("run", "status", "units") else v
-                except (TypeError, ValueError):
-                    out[k] = v
-            rows.append(out)
-    return rows
 
 
 def write_hparams(run: SweepRun, row: Dict[str, Any]) -> None:
@@ -235,18 +180,6 @@ def write_hparams(run: SweepRun, row: Dict[str, Any]) -> None:
         for tag, value in metrics.items():
             w.add_scalar(tag, value, run.recipe.epochs)
     (run.run_dir / ".hparams_written").touch()
-
-
-def write_plots(sweep_dir: Path, rows: Sequence[Dict[str, Any]], units: str) -> List[Path]:
-    from ib.plots import accuracy_figure, ib_curve_figure, save_figure
-
-    done = [r for r in rows if r.get("status") == "completed"]
-    paths = [sweep_dir / "ib_curve.png", sweep_dir / "accuracy_vs_beta.png"]
-    save_figure(ib_curve_figure(done, units), paths[0])
-    keys = ["test_accuracy"] + (["robust_accuracy"] if any(isinstance(r.get("robust_accuracy"), float)
-                                                           for r in done) else [])
-    save_figure(accuracy_figure(done, keys), paths[1])
-    return paths
 
 
 def train_with_torchrun(run: SweepRun, recipe_path: str | Path, overrides: Sequence[str], nproc_per_node: int,
@@ -295,8 +228,6 @@ def run_sweep(
     """
     if nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
-    from ib.train import fit
-
     if sweep_dir is None:
         base = recipe_from_dict(read_recipe_file(recipe_path), overrides, source=str(recipe_path))
         sweep_dir = Path(base.output_dir) / f"{base.name}_sweep"
@@ -322,12 +253,14 @@ def run_sweep(
                 metrics = fit(run.recipe, run.run_dir, resume=resume, overwrite=not resume,
                               handle_signals=handle_signals)
                 status = metrics["status"]
+                if status == "completed" and run.recipe.eval.enabled:  # as `ib train` does (torchrun's child too)
+                    evaluate_run(run.run_dir)
         rows[run.name] = _row(run)
-        write_csv(sweep_dir / "sweep.csv", list(rows.values()))
+        write_csv(sweep_dir / "sweep.csv", list(rows.values()), COLUMNS)
         if status != "completed":
             log.warning("sweep stopped at %s (%s); run the same command again to resume", run.name, status)
             return list(rows.values())
         if not (run.run_dir / ".hparams_written").exists():
             write_hparams(run, rows[run.name])
-    write_plots(sweep_dir, list(rows.values()), units)
+    write_sweep_plots(sweep_dir, list(rows.values()), units)
     return list(rows.values())

@@ -96,7 +96,7 @@ def test_recorded_matmuls_are_the_counted_flops(precision):
     from ib.estimators import ESTIMATORS
     from ib.models.classifier import build_classifier
     from ib.models.critics import CRITICS
-    from ib.train import train_step
+    from ib.engine import train_step
 
     bench = _load("train_speed")
     torch.manual_seed(0)

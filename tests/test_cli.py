@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ib.train
+import ib.engine.build
 from helpers import assert_one_error_line, run_main
 
 ROOT = Path(__file__).parents[1]
@@ -45,7 +45,7 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a data set was loaded before the recipe error was found")
 
-    monkeypatch.setattr(ib.train, "load_data", refuse)
+    monkeypatch.setattr(ib.engine.build, "load_data", refuse)
 
 
 def test_corpus_is_large_and_well_formed():
@@ -249,3 +249,16 @@ def test_overwrite_refuses_a_project_folder_that_holds_a_recipe_yaml(tmp_path, c
     status, lines = run_main(["train", folder / "recipe.yaml", "--run-dir", folder, "--overwrite"], capsys)
     assert_one_error_line(status, lines, ["does not look like a run folder", "not removing it"])
     assert sorted(p.name for p in folder.iterdir()) == ["data", "recipe.yaml"]
+
+
+def test_overwrite_replaces_a_run_killed_before_its_first_epoch(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves its recipe and a TensorBoard event file (a sweep resumed
+    after a kill meets such a folder); nothing else is there, so it is a run folder to replace."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(Path(DIGITS).read_text())
+    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    small = ["epochs=1", "model.encoder.hidden=[16]", "model.bottleneck.z_dim=4", "mi.critic.hidden=[16]",
+             "model.eval_samples=0", "monitor.plane_figure=false"]
+    status, _ = run_main(["train", DIGITS, *small, "--run-dir", run, "--overwrite"], capsys)
+    assert status == 0 and (run / "last.pt").is_file()

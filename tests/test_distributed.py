@@ -21,7 +21,7 @@ from ib.models.classifier import build_classifier
 from ib.models.critics import CRITICS
 from ib.plane import information_plane
 from ib.recipe import load_recipe
-from ib.train import evaluate, fit
+from ib.engine import evaluate, fit
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"
@@ -141,7 +141,8 @@ def test_sharded_evaluation_and_plane_match_one_process(tmp_path):
 def _check_step(rank: int) -> None:
     """One training step (fused and two-pass) through the DDP wrappers on two halves of a batch against one
     process on the whole batch: every parameter of the classifier and of the critic ends the same."""
-    from ib.train import build_replicas, train_step
+    from ib.engine import train_step
+    from ib.engine.build import build_replicas
 
     torch.manual_seed(0)
     x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
@@ -249,7 +250,7 @@ def test_torchrun_two_processes_match_one_and_resume_in_one(tmp_path, one_thread
     done = _torchrun(tmp_path, str(DIGITS), *SETTINGS, "--run-dir", "split", "--stop-after", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "split" / "metrics.json").read_text())["status"] == "stopped"
-    from ib.train import resume_recipe
+    from ib.engine import resume_recipe
 
     resumed = fit(resume_recipe(tmp_path / "split"), tmp_path / "split", resume=True)
     assert resumed["status"] == "completed" and resumed["steps"] == one["steps"] and resumed["processes"] == 1
@@ -278,7 +279,7 @@ def test_ctrl_c_on_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_path
     import signal
     import time
 
-    from ib.train import resume_recipe
+    from ib.engine import resume_recipe
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "ib",

@@ -10,9 +10,11 @@ import torch
 
 from ib.cli import main
 from ib.data import Split
-from ib.evaluate import THREATS, EvalWarning, evaluate_model, expected_calibration_error, load_run
+from ib.engine import load_run
+from ib.evaluate import EvalWarning, evaluate_model
+from ib.robustness import THREATS, expected_calibration_error
 from ib.recipe import AttackName, load_recipe
-from ib.train import fit
+from ib.engine import fit
 
 DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
 SMALL = ["epochs=3", "model.encoder.hidden=[128]", "mi.critic.hidden=[64]", "model.eval_samples=4"]
@@ -193,11 +195,13 @@ def test_eval_events_survive_a_training_resume_and_a_repeated_eval(tmp_path):
     assert _scalar_steps(run, "loss/ce") == [1, 2]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--attacks", "fgsm,cw"], "--attacks: unknown attack 'cw'; valid: eot_pgd, fgsm, noise, pgd_l2, pgd_linf"),
-    (["--eps=-0.1"], "--eps: -0.1 is out of range"),
-    (["--eps", "0.1,x"], "--eps: 'x' is not a number"),
-    (["--steps", "0"], "--steps: 0 is out of range"),
+@pytest.mark.parametrize("args, message", [  # each option is an eval.* override, checked by the recipe checker
+    (["--attacks", "fgsm,cw"], "eval.attacks"),
+    (["--eps=-0.1"], "eval.eps: -0.1 is out of range"),
+    (["--eps", "0.1,x"], "eval.eps[1]: expected a number, got 'x'"),
+    (["--steps", "0"], "eval.steps: 0 is out of range"),
+    (["eval.steps=0"], "eval.steps: 0 is out of range"),
+    (["epochs=3"], "ib eval takes eval.* settings only"),
 ])
 def test_bad_arguments_exit_2_with_one_line(run_dir, capsys, args, message):
     assert main(["eval", str(run_dir), *args]) == 2
@@ -214,10 +218,21 @@ def test_missing_checkpoint_exits_2(tmp_path, capsys, target, message):
     assert len(err) == 1 and message in err[0], err
 
 
+def test_eval_overrides_reach_the_report(run_dir):
+    assert main(["eval", str(run_dir), "eval.attacks=[noise]", "eval.sigmas=[0.1]", "eval.limit=30",
+                 "--samples", "0"]) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["n"] == 30 and report["settings"]["attacks"] == ["noise"] and report["settings"]["samples"] == 0
+
+
 def test_recipe_eval_section_runs_at_the_end_of_training(tmp_path):
+    """`ib train` runs the recipe's eval section once training completes (`fit` itself only trains)."""
     run = tmp_path / "run"
-    fit(load_recipe(DIGITS, [*SMALL, "epochs=1", "eval.enabled=true", "eval.attacks=[pgd_linf]", "eval.eps=[0.1]",
-                             "eval.steps=2", "eval.limit=40", "eval.check_samples=20"]), run)
+    overrides = [*SMALL, "epochs=1", "eval.enabled=true", "eval.attacks=[pgd_linf]", "eval.eps=[0.1]",
+                 "eval.steps=2", "eval.limit=40", "eval.check_samples=20"]
+    fit(load_recipe(DIGITS, overrides), tmp_path / "fit_only")
+    assert not (tmp_path / "fit_only" / "eval.json").exists()
+    assert main(["train", str(DIGITS), *overrides, "--run-dir", str(run)]) == 0
     report = json.loads((run / "eval.json").read_text())
     assert report["n"] == 40 and report["settings"]["attacks"] == ["fgsm", "pgd_linf"]
     assert (run / "robustness.csv").is_file() and (run / "robustness.png").is_file()

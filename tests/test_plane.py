@@ -8,10 +8,10 @@ import torch
 
 from ib.cli import main
 from ib.errors import ConfigError
-from ib.plane import gaussian_kl, information_plane, label_entropy, to_units
-from ib.plots import write_plane_plots
+from ib.plane import entropy, gaussian_kl, information_plane, to_units
+from ib.monitor import write_plane_plots
 from ib.recipe import load_recipe
-from ib.train import build_run, fit
+from ib.engine import build_run, fit
 
 DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
 SMALL = ["model.encoder.hidden=[64]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[64]", "beta_schedule.delay=0",
@@ -25,9 +25,9 @@ def test_gaussian_kl_closed_form():
     assert gaussian_kl(mean, std).tolist() == pytest.approx(expected)
 
 
-def test_label_entropy_and_units():
-    assert label_entropy(torch.tensor([0, 1, 2, 3]), 4) == pytest.approx(math.log(4))
-    assert label_entropy(torch.tensor([1, 1, 1]), 3) == pytest.approx(0.0)
+def test_entropy_and_units():
+    assert entropy(torch.tensor([1.0, 1.0, 1.0, 1.0])) == pytest.approx(math.log(4))
+    assert entropy(torch.tensor([0.0, 3.0, 0.0])) == pytest.approx(0.0)
     assert to_units(math.log(2), "bits") == pytest.approx(1.0)
     assert to_units(1.5, "nats") == 1.5
 
@@ -132,6 +132,16 @@ POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_upper": 4.0, "I_ZY": 1.5},
           {"epoch": 2, "I_XZ": 1.2, "I_XZ_upper": 4.5, "I_ZY": 1.8}]
 
 
+def _labels(estimator):
+    """What the figures are told of an estimator (its class's `label` and `upper_bound`); None: no estimator."""
+    from ib.estimators import ESTIMATORS
+
+    if estimator is None:
+        return {"xz_name": "", "upper_bound": False}
+    cls = ESTIMATORS.get(estimator)
+    return {"xz_name": cls.label, "upper_bound": cls.upper_bound}
+
+
 @pytest.mark.parametrize("estimator,label,band", [
     ("mine", "I(X;Z) [nats] (MINE, held-out)", True),
     ("mine_f", "I(X;Z) [nats] (MINE-f, held-out)", True),
@@ -144,18 +154,19 @@ POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_upper": 4.0, "I_ZY": 1.5},
 def test_plane_figure_names_the_estimator(estimator, label, band):
     from ib.plots import plane_figure
 
-    ax = plane_figure(POINTS, "nats", estimator=estimator).axes[0]
+    ax = plane_figure(POINTS, "nats", **_labels(estimator)).axes[0]
     assert ax.get_xlabel() == label
     band_lines = [line for line in ax.lines if line.get_color() == "0.8"]
     assert bool(band_lines) == band and (ax.get_legend() is not None) == band
 
 
-def test_every_estimator_has_a_label():
+def test_every_estimator_declares_its_label_and_bound():
     from ib.estimators import ESTIMATORS
-    from ib.monitor import estimate_name
 
     for name in ESTIMATORS.names():
-        assert estimate_name(name) != name, f"{name}: add it to ib.monitor._NAMES"
+        cls = ESTIMATORS.get(name)
+        assert "label" in vars(cls) and cls.label != name, f"{name}: give its class a display label"
+        assert cls.upper_bound == (name == "vib_kl"), name  # the critics' bounds are lower bounds
 
 
 @pytest.mark.parametrize("estimator,title,chart", [
@@ -168,21 +179,21 @@ def test_every_estimator_has_a_label():
 def test_custom_scalars_layout_names_the_estimator(estimator, title, chart):
     from ib.monitor import information_layout
 
-    charts = information_layout("bits", estimator)["information plane"]
+    charts = information_layout("bits", **_labels(estimator))["information plane"]
     assert charts[title] == chart
 
 
 def test_a_vib_kl_run_is_labelled_as_the_kl_bound(tmp_path):
-    """TensorBoard's layout and `ib plane` take the estimator from the run (its saved recipe)."""
-    import yaml
+    """TensorBoard's layout and `ib plane` take the estimator from the run (its metrics.json)."""
+    import json
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-    from ib.monitor import run_estimator
-
     run = tmp_path / "vib"
     fit(load_recipe(DIGITS, ["epochs=1", *SMALL, "mi.estimator=vib_kl"]), run)
-    assert run_estimator(run) == "vib_kl"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["estimator"] == {"name": "vib_kl", "label": "KL upper bound", "upper_bound": True}
     acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
     acc.Reload()
     layout = layout_pb2.Layout()
@@ -191,7 +202,6 @@ def test_a_vib_kl_run_is_labelled_as_the_kl_bound(tmp_path):
     assert "I(X;Z) [nats]: KL upper bound" in titles and not any("MINE" in t for t in titles)
     assert {"mi/I_XZ", "mi/I_XZ_upper"} <= set(acc.Tags()["scalars"])  # the tags themselves are unchanged
     assert write_plane_plots(run) == [run / "plane.png"]
-    saved = yaml.safe_load((run / "recipe.yaml").read_text())  # a run without an estimator names none
-    saved["mi"]["enabled"] = False
-    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
-    assert run_estimator(run) is None
+    metrics["estimator"] = None  # a run without an estimator names none, and still gets its figure
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert write_plane_plots(run) == [run / "plane.png"]

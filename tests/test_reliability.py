@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import ib.checkpoint
-import ib.train
+import ib.engine.build
+import ib.engine.loop
 from ib.checkpoint import load_checkpoint
 from helpers import assert_one_error_line, run_main, tensors
 from ib.errors import CheckpointError
@@ -25,7 +26,7 @@ from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
 from ib.models.critics import CRITICS, JointCritic
 from ib.recipe import load_recipe
-from ib.train import fit, train_step
+from ib.engine import fit, train_step
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"
@@ -117,7 +118,7 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a data set was loaded")
 
-    monkeypatch.setattr(ib.train, "load_data", refuse)
+    monkeypatch.setattr(ib.engine.build, "load_data", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def _interrupt_self():
 def test_interrupt_at_a_chosen_moment_then_resume(when, reference, tmp_path, monkeypatch):
     """SIGINT at a known point: the loader's position (or the epoch boundary) is saved and resuming is exact."""
     run_dir = tmp_path / "run"
-    real_step, real_evaluate = ib.train.train_step, ib.train.evaluate
+    real_step, real_evaluate = ib.engine.loop.train_step, ib.engine.loop.evaluate
     calls = {"steps": 0, "evaluations": 0}
     signal_at_step = {"mid-epoch": STEPS_PER_EPOCH + 7, "last-step-of-epoch": 2 * STEPS_PER_EPOCH}.get(when)
 
@@ -196,8 +197,8 @@ def test_interrupt_at_a_chosen_moment_then_resume(when, reference, tmp_path, mon
             _interrupt_self()
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(ib.train, "train_step", step)
-    monkeypatch.setattr(ib.train, "evaluate", evaluate)
+    monkeypatch.setattr(ib.engine.loop, "train_step", step)
+    monkeypatch.setattr(ib.engine.loop, "evaluate", evaluate)
     metrics = fit(load_recipe(DIGITS, RUN), run_dir, handle_signals=True)
     assert metrics["status"] == "interrupted"
     state = load_checkpoint(run_dir / "last.pt")
@@ -311,7 +312,7 @@ class _Poison:
 
     def __init__(self, monkeypatch, bad_steps):
         self.bad_steps, self.calls, self.active, self.checked = bad_steps, 0, False, 0
-        real_step, real_scores = ib.train.train_step, JointCritic.pair_scores
+        real_step, real_scores = ib.engine.loop.train_step, JointCritic.pair_scores
 
         def step(model, estimator, optimizer, critic_optimizer, *args, **kwargs):
             self.calls += 1
@@ -332,7 +333,7 @@ class _Poison:
             t_joint, t_marginal = real_scores(critic, x, z, z_marginal)
             return (t_joint + float("inf"), t_marginal) if self.active else (t_joint, t_marginal)
 
-        monkeypatch.setattr(ib.train, "train_step", step)
+        monkeypatch.setattr(ib.engine.loop, "train_step", step)
         monkeypatch.setattr(JointCritic, "pair_scores", pair_scores)  # the recipes use the joint critic
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from ib.cli import main
 from ib.errors import ConfigError
-from ib.sweep import SweepRun, parse_list, plan_sweep, read_csv, run_sweep, train_with_torchrun
+from ib.cli import parse_list
+from ib.monitor import read_csv
+from ib.sweep import SweepRun, plan_sweep, run_sweep, train_with_torchrun
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"
@@ -111,7 +113,7 @@ def test_unfinished_run_resumes_only_with_its_own_recipe(tmp_path):
     """An `ib train` run stopped after epoch 1 of 3 in the sweep folder: a sweep with another learning rate is
     refused before it trains; the same sweep with more epochs resumes the run with its saved recipe."""
     from ib.recipe import load_recipe
-    from ib.train import fit
+    from ib.engine import fit
 
     sweep = tmp_path / "sweep"
     run_dir = sweep / "beta_0_seed_0"
