@@ -74,7 +74,7 @@ def _rank() -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ib.recipe import load_recipe  # ib.train (torch) is imported once the recipe has been read
+    from ib.recipe import load_recipe  # ib.engine (torch) is imported once the recipe has been read
 
     overrides: List[str] = list(args.overrides)
     if args.resume:
