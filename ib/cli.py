@@ -1,6 +1,9 @@
 """The `ib` command: `ib train`, `ib eval`, `ib sweep`, `ib plane` (see `ib COMMAND --help`).
 
 Errors in the user's input (recipe, arguments, files) print one line and exit with status 2, no traceback.
+
+Each command imports what it runs when it runs, so that `ib --help` and a mistake in the arguments answer without
+loading torch.
 """
 from __future__ import annotations
 

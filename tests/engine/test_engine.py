@@ -21,7 +21,7 @@ import ib.engine.step
 from ib.engine import autocast, build_run, critic_step, fit, train_step
 from ib.engine.build import load_optimizer
 
-DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
+DIGITS = Path(__file__).parents[2] / "recipes" / "digits.yaml"
 SMALL = ["model.encoder.hidden=[64]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[64]", "beta_schedule.delay=0",
          "model.eval_samples=4"]
 
