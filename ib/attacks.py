@@ -2,9 +2,10 @@
 
 An attack sees the model only through a per-sample loss to ascend, `loss_fn(x, y) -> [B]`, so the same code attacks
 the deterministic mean-code model, a stochastic model (one sampled code per gradient) and its expectation over
-codes (EOT: the loss averaged over several draws of Z, hence its gradient too). Normalisation lives inside the
-model, so the attacks work in the [0, 1] pixel scale where the radii are given; every iterate is projected onto the
-eps-ball around the clean input and clipped to [0, 1].
+codes. EOT-PGD (Expectation over Transformation, Athalye et al. 2018) is `pgd` on `sampled_loss(model, samples)`:
+the loss averaged over several draws of Z, hence its gradient too. Normalisation lives inside the model, so the
+attacks work in the [0, 1] pixel scale where the radii are given; every iterate is projected onto the eps-ball
+around the clean input and clipped to [0, 1].
 
 Gradients are turned back on for the input only: parameters never receive a `.grad`, and an attack may be called
 under `torch.inference_mode()` or `torch.no_grad()`.
@@ -16,6 +17,8 @@ from typing import Callable, Literal, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ib import checks
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (x [B, ...] in [0, 1], y [B]) -> per-sample loss [B] to ascend
 CorrectFn = Callable[[Tensor, Tensor], Tensor]  # (x, y) -> bool [B]: the attacked prediction is still right
@@ -60,8 +63,7 @@ def sampled_loss(model: nn.Module, samples: int = 1, kind: LossKind = "ce") -> L
     batched pass (`bottleneck.sample_z`, one encoder pass for the Gaussian encoder); other models are called once
     per draw.
     """
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    checks.integer("samples", samples, minimum=1, error=ValueError)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         logits = sampled_logits(model, x, samples)  # [S, B, classes]
@@ -80,12 +82,6 @@ def sampled_logits(model: nn.Module, x: Tensor, samples: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Geometry
-
-
-def _check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
 
 
 def _flat_norm(t: Tensor) -> Tensor:
@@ -150,7 +146,7 @@ def fgsm(loss_fn: LossFn, x: Tensor, y: Tensor, eps: float) -> Tensor:
     Returns:
         Adversarial inputs, detached, [B, ...].
     """
-    eps = _check_eps(eps)
+    eps = checks.non_negative("eps", eps, error=ValueError)
     x = x.detach().clone()
     grad = input_gradient(loss_fn, x, y)
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
@@ -196,13 +192,11 @@ def pgd(
     Returns:
         Adversarial inputs, detached, [B, ...].
     """
-    eps = _check_eps(eps)
+    eps = checks.non_negative("eps", eps, error=ValueError)
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+    checks.integer("steps", steps, minimum=1, error=ValueError)
+    checks.integer("restarts", restarts, minimum=1, error=ValueError)
     alpha = 2.5 * eps / steps if step_size is None else float(step_size)
     x = x.detach().clone()
     worst = _Worst(correct_fn)
@@ -242,26 +236,7 @@ class _Worst:
         self.loss = torch.where(better, loss, self.loss)
 
 
-def eot_pgd(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    *,
-    samples: int = 8,
-    norm: Norm = "linf",
-    kind: LossKind = "ce",
-    **pgd_kwargs: object,
-) -> Tensor:
-    """PGD with Expectation over Transformation (Athalye et al. 2018) for a stochastic encoder.
-
-    Every step ascends the loss (`kind`) averaged over `samples` draws of Z, so its gradient estimates
-    E_z[grad loss] instead of following one random code. Other arguments are those of `pgd`.
-    """
-    return pgd(sampled_loss(model, samples, kind), x, y, eps, norm=norm, **pgd_kwargs)
-
-
 def gaussian_noise(x: Tensor, sigma: float) -> Tensor:
     """x + N(0, sigma^2) per pixel, clipped to [0, 1] (sigma in the [0, 1] pixel scale; global RNG)."""
-    sigma = _check_eps(sigma)
+    sigma = checks.non_negative("sigma", sigma, error=ValueError)
     return (x + sigma * torch.randn_like(x)).clamp(0.0, 1.0)

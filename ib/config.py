@@ -233,7 +233,7 @@ def _build_component(raw: Any, registry: Registry, key: str, default: Component)
     if not isinstance(name, str) or name not in registry:
         raise ConfigError(f"{key}.name: unknown {registry.kind} {show(name)}; valid: {', '.join(registry.names())}")
     params = registry.options(name)
-    hints = typing.get_type_hints(registry.get(name))
+    hints = registry.option_hints(name)  # of the function, or of the class's __init__
     options: Dict[str, Any] = {}
     for opt, value in raw.items():
         if opt == "name":

@@ -4,7 +4,7 @@ Every field has a type, a default and a reason. Loading rejects, before any work
 the key, the bad value and what is allowed: unknown keys, wrong types, NaN/inf, out-of-range numbers and unknown
 registry names. Components that come from a registry (encoder, bottleneck, critic, schedules, estimator, data set)
 are written either as a bare name or as a mapping `{name: ..., <option>: ...}`; their options are checked against
-the keyword-only parameters of the registered factory, which are the schema for that entry.
+the keyword-only parameters of the registered function or class, which are the schema for that entry.
 """
 from __future__ import annotations
 from __future__ import annotations
@@ -49,8 +49,8 @@ class ModelConfig:
     decoder_hidden: Tuple[int, ...] = setting((), "hidden widths of the decoder; empty = linear softmax decoder")
     eval_samples: int = setting(12, "samples of Z averaged for the sampled test prediction (0: mean code only)", ge=0,
                                le=10_000)
-    channels_last: bool = setting(True, "conv weights, and so their activations, in NHWC order (the ResNet-18 step "
-                                 "1.20x faster on 2 CPU cores, benchmarks/train_speed.py); no effect on MLPs")
+    channels_last: bool = setting(True, "conv weights, and so their activations, in NHWC order, which CPU "
+                                  "convolutions run faster (benchmarks/results/train_speed.md); no effect on MLPs")
 
 
 @dataclass

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ib.attacks import (classification_loss, eot_pgd, fgsm, gaussian_noise, mean_code_loss, pgd, project,
-                        sampled_loss)
+from ib.attacks import classification_loss, fgsm, gaussian_noise, mean_code_loss, pgd, project, sampled_loss
 from ib.models.classifier import build_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
@@ -192,7 +191,8 @@ def test_restarts_keep_the_worst_case_per_sample():
 
 
 def test_eot_beats_a_single_noisy_gradient_on_a_very_stochastic_encoder():
-    """With a very noisy code one sampled gradient is mostly noise; averaged over draws (EOT) it finds the way."""
+    """With a very noisy code one sampled gradient is mostly noise; averaged over draws (EOT-PGD: `pgd` on
+    `sampled_loss(model, samples)`) it finds the way."""
     torch.manual_seed(0)
     model = build_classifier("mlp", {"hidden": (32,)}, "gaussian", {"z_dim": 8, "std_offset": -1.0},
                              in_shape=(1, 4, 4), num_classes=3, mean=(0.5,), std=(0.25,))  # std ~ 1.3
@@ -209,14 +209,25 @@ def test_eot_beats_a_single_noisy_gradient_on_a_very_stochastic_encoder():
     torch.manual_seed(1)
     single = accuracy(pgd(sampled_loss(model, 1), x, y, 0.1, steps=3))
     torch.manual_seed(1)
-    eot = accuracy(eot_pgd(model, x, y, 0.1, samples=64, steps=3))
+    eot = accuracy(pgd(sampled_loss(model, 64), x, y, 0.1, steps=3))
     assert eot < single - 0.03, (eot, single)  # measured: 0.388 against 0.446
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
 def test_bad_radius_raises(bad):
     model, x, y = _linear_problem(2, EPS, p=1, n=50)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         pgd(mean_code_loss(model), x, y, bad)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         fgsm(mean_code_loss(model), x, y, bad)
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+        gaussian_noise(x, bad)
+
+
+@pytest.mark.parametrize("setting", [dict(steps=0), dict(steps=2.0), dict(restarts=0), dict(restarts=True)])
+def test_bad_step_or_restart_count_raises(setting):
+    model, x, y = _linear_problem(2, EPS, p=1, n=50)
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be a positive integer"):
+        pgd(mean_code_loss(model), x, y, 0.1, **setting)
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        sampled_loss(model, 0)

@@ -1,9 +1,9 @@
-"""MI estimators against ground truth: correlated Gaussians with I = -d/2 log(1 - rho^2) nats."""
-import csv
+"""MI estimators against ground truth (correlated Gaussians with I = -d/2 log(1 - rho^2) nats), their closed forms,
+and the registry's classes (vib_kl, which needs a Gaussian code rather than samples: test_vib.py)."""
+import inspect
 import math
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,21 +14,19 @@ from ib.estimators import (
     ESTIMATORS,
     MINE,
     InfoNCE,
+    MIEstimator,
     MINEf,
     clipped_dv,
     dv_bound,
     exp_capped,
-    gaussian_kl,
     infonce_bound,
     js_objective,
     log_mean_exp,
 )
 from ib.estimators.base import marginal_shift
-from ib.models.bottlenecks import Code
 from ib.models.critics import CRITICS
 
-DIGITS = Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml"
-CRITIC_BASED = [n for n in ESTIMATORS.names() if getattr(ESTIMATORS.get(n), "needs_critic", True)]
+CRITIC_BASED = [n for n in ESTIMATORS.names() if ESTIMATORS.get(n).needs_critic]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
@@ -78,6 +76,45 @@ def test_estimate_mi_refuses_a_holdout_of_one_sample_before_training():
     with pytest.raises(ConfigError, match="leaves 1 held-out sample of N=10"):
         ib.estimate_mi(x, y, steps=10_000, holdout=0.1)
     assert time.perf_counter() - start < 1.0  # checked before the critic's 10,000 steps
+
+
+# The registry: classes, their recipe options and what the trainer and the monitor read from them.
+
+ESTIMATOR_CLASSES = {
+    # name: (label, upper_bound, needs_critic, loss_is_minus_penalty, recipe options with their defaults)
+    "mine": ("MINE", False, True, True, {"ema_rate": 0.01, "marginals": 1}),
+    "mine_f": ("MINE-f", False, True, True, {"marginals": 1}),
+    "infonce": ("InfoNCE", False, True, True, {}),
+    "smile": ("SMILE", False, True, False, {"tau": 5.0, "marginals": 1}),
+    "jsd": ("JSD", False, True, False, {"marginals": 1}),
+    "vib_kl": ("KL upper bound", True, False, False, {}),
+}
+
+
+@pytest.mark.parametrize("name", ESTIMATORS.names())
+def test_registered_class_attributes_and_options(name):
+    assert name in ESTIMATOR_CLASSES, f"{name}: add it to ESTIMATOR_CLASSES"
+    label, upper_bound, needs_critic, minus_penalty, options = ESTIMATOR_CLASSES[name]
+    cls = ESTIMATORS.get(name)
+    assert inspect.isclass(cls) and issubclass(cls, MIEstimator)
+    assert (cls.label, cls.upper_bound, cls.needs_critic, cls.loss_is_minus_penalty) == (label, upper_bound,
+                                                                                         needs_critic, minus_penalty)
+    # The library's argument positional-only, the recipe's options keyword-only, annotated and defaulted.
+    params = list(inspect.signature(cls).parameters.values())
+    assert [p.name for p in params if p.kind is p.POSITIONAL_ONLY] == ["critic" if needs_critic else "bottleneck"]
+    assert {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY} == options
+    assert list(ESTIMATORS.options(name)) == list(options)  # in this order in the resolved recipe
+    hints = ESTIMATORS.option_hints(name)
+    assert all(hints[o] is type(d) for o, d in options.items())
+    built = ESTIMATORS.create(name, _ConstCritic() if needs_critic else "gaussian")
+    assert type(built) is cls and built.label == label
+
+
+def test_unknown_estimator_option_is_a_config_error_naming_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown option 'tau' for estimator 'mine'; valid: ema_rate, marginals"):
+        ESTIMATORS.create("mine", _ConstCritic(), tau=3.0)
+    with pytest.raises(ConfigError, match="unknown option 'marginals' for estimator 'infonce'; valid: \\(none\\)"):
+        ESTIMATORS.create("infonce", _ConstCritic(), marginals=2)
 
 
 def test_dv_bound_closed_form():
@@ -360,69 +397,3 @@ def test_held_out_estimate_uses_eval_mode_and_restores_it():
     b = est.estimate(x, z, generator=torch.Generator().manual_seed(0))
     assert a == b  # no noise layers at evaluation
     assert critic.training
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# vib_kl: the VIB upper bound
-
-
-def test_vib_kl_equals_the_closed_form_kl():
-    mean = torch.tensor([[1.0, 0.0], [0.5, -2.0]])
-    std = torch.tensor([[1.0, 0.5], [2.0, 0.1]])
-    per_row = [0.5 * sum(m**2 + s**2 - 1 - 2 * math.log(s) for m, s in zip(mr, sr))
-               for mr, sr in zip(mean.tolist(), std.tolist())]
-    expected = sum(per_row) / 2
-    reference = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
-                                                  torch.distributions.Normal(0.0, 1.0)).sum(-1).mean()
-    assert reference.item() == pytest.approx(expected, rel=1e-6)
-    est = ESTIMATORS.create("vib_kl", "gaussian")
-    code = Code(mean + std, mean.requires_grad_(), std)
-    penalty = est.penalty(None, code.z, code)
-    assert penalty.item() == pytest.approx(expected, rel=1e-6)
-    penalty.backward()
-    torch.testing.assert_close(mean.grad, mean.detach() / 2)  # d/d mean of the batch average
-    assert est.estimate(None, code.z, code=code) == pytest.approx(expected, rel=1e-6)
-    loss = est.loss(None, code.z)
-    assert loss.item() == 0.0 and not loss.requires_grad and not list(est.parameters())
-
-
-def test_vib_kl_is_finite_for_extreme_codes_and_needs_a_gaussian_code():
-    mean = torch.tensor([[1e4, -1e4]])
-    std = torch.tensor([[0.0, 1e4]])  # an underflowed std: log is taken of the smallest normal float
-    assert torch.isfinite(gaussian_kl(mean, std)).all()
-    est = ESTIMATORS.create("vib_kl", "gaussian")
-    with pytest.raises(ConfigError, match="Gaussian"):
-        est.penalty(None, torch.zeros(2, 3), Code(torch.zeros(2, 3)))
-    with pytest.raises(ConfigError, match="Gaussian"):
-        ESTIMATORS.create("vib_kl", "deterministic")
-
-
-def test_vib_kl_trains_end_to_end_on_digits(tmp_path):
-    from ib.recipe import load_recipe
-    from ib.engine import fit
-
-    overrides = ["epochs=1", "mi.estimator=vib_kl", "model.encoder.hidden=[64]", "model.bottleneck.z_dim=8",
-                 "beta_schedule.delay=0", "beta=1e-2", "model.eval_samples=2"]
-    recipe = load_recipe(DIGITS, overrides)
-    metrics = fit(recipe, tmp_path / "vib")
-    assert metrics["status"] == "completed" and metrics["test_accuracy"] > 0.2  # chance: 0.1; 0.43 after one epoch
-    assert math.isfinite(metrics["I_XZ_nats"]) and metrics["I_XZ_nats"] > 0  # the held-out KL
-    assert (tmp_path / "vib" / "last.pt").exists()
-    assert "vib_kl" in (tmp_path / "vib" / "recipe.yaml").read_text()
-    # The training-batch value is the KL bound itself, also at beta = 0 (where the penalty is not in the loss).
-    for run, extra in (("vib", []), ("vib_beta0", ["beta=0"])):
-        if extra:
-            fit(load_recipe(DIGITS, overrides + extra), tmp_path / run)
-        with open(tmp_path / run / "history.csv") as f:
-            row = next(csv.DictReader(f))
-        assert float(row["mi/I_XZ_train"]) > 0.5, run  # 0 before the fix; a few nats after one epoch
-
-
-def test_vib_kl_rejects_a_deterministic_bottleneck_before_training(tmp_path):
-    from ib.recipe import load_recipe
-    from ib.engine import fit
-
-    recipe = load_recipe(DIGITS, ["epochs=1", "mi.estimator=vib_kl", "model.bottleneck=deterministic"])
-    with pytest.raises(ConfigError, match="vib_kl needs a Gaussian encoder"):
-        fit(recipe, tmp_path / "det")
-    assert not (tmp_path / "det" / "last.pt").exists()

@@ -69,6 +69,22 @@ def test_overrides_beat_the_file_and_parse_types():
     assert raw["beta"] == 0.1  # the input mapping is not modified
 
 
+def test_class_entries_resolve_their_options_from_init():
+    """Estimators and schedules are registered as classes: their options, defaults and types come from `__init__`."""
+    r = recipe_from_dict({"mi": {"estimator": {"name": "mine", "ema_rate": 0.01, "marginals": 1}}})
+    assert r.mi.estimator.options == {"ema_rate": 0.01, "marginals": 1}
+    assert recipe_from_dict({}, ["mi.estimator=smile"]).mi.estimator.options == {"tau": 5.0, "marginals": 1}
+    r = recipe_from_dict({}, ["beta_schedule=linear", "lr_schedule=cosine"])
+    assert r.beta_schedule.options == {"warmup": 1000, "start": 0.0, "delay": 0}
+    assert r.lr_schedule.options == {"warmup": 0, "min_factor": 0.0}
+    ema_rate = recipe_from_dict({}, ["mi.estimator.ema_rate=1"]).mi.estimator.options["ema_rate"]
+    assert type(ema_rate) is float  # read as the annotation says
+    with pytest.raises(ConfigError, match="mi.estimator.ema_rate: expected a number, got 'fast'"):
+        recipe_from_dict({}, ["mi.estimator.ema_rate=fast"])
+    with pytest.raises(ConfigError, match="beta_schedule.warmup: expected an integer, got 1.5"):
+        recipe_from_dict({}, ["beta_schedule=linear", "beta_schedule.warmup=1.5"])
+
+
 def test_override_replacing_a_component_by_name_drops_its_options():
     r = recipe_from_dict({"mi": {"estimator": {"name": "mine", "ema_rate": 0.5}}}, ["mi.estimator=mine_f"])
     assert r.mi.estimator.name == "mine_f" and r.mi.estimator.options == {"marginals": 1}  # ema_rate gone

@@ -1,4 +1,6 @@
-"""Beta and learning-rate schedules: closed forms, shape, state_dict round trips, argument checks, signatures."""
+"""The schedules' registries (names, unknown names and options, the registered classes' signatures), their shared
+state_dict, and the beta schedules: closed forms, shape, round trips, argument checks (learning rate:
+test_lr_schedules.py)."""
 import inspect
 import math
 import random
@@ -15,7 +17,6 @@ from ib.schedules import (
     LRSchedule,
     create_beta_schedule,
     create_lr_schedule,
-    set_lr,
 )
 
 # A non-default configuration of every beta schedule, used where a test runs over all of them.
@@ -26,11 +27,6 @@ BETA_EXAMPLES = {
     "exponential": (1e-2, dict(warmup=100, start=1e-6, delay=20)),
     "step": (5e-4, dict(step_size=10, gamma=10.0, start=1e-6, delay=20)),
 }
-LR_EXAMPLES = {
-    "constant": (10, dict()),
-    "step": (10, dict(step_size=3, gamma=0.5)),
-    "cosine": (10, dict(warmup=2, min_factor=0.1)),
-}
 STEPS = list(range(0, 400)) + [1_000, 10**6, 10**12]
 
 
@@ -38,7 +34,6 @@ def test_registries_hold_the_documented_schedules():
     assert BETA_SCHEDULES.names() == ["constant", "cosine", "exponential", "linear", "step"]
     assert LR_SCHEDULES.names() == ["constant", "cosine", "step"]
     assert set(BETA_EXAMPLES) == set(BETA_SCHEDULES.names())  # a new entry needs an example here
-    assert set(LR_EXAMPLES) == set(LR_SCHEDULES.names())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,7 +157,7 @@ def test_beta_rejects_bad_steps(step, error):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# state_dict round trips (beta and lr)
+# state_dict round trips (the shared base, through the beta schedules)
 
 
 def _is_plain(value):
@@ -185,24 +180,6 @@ def test_beta_state_dict_round_trip(name, tmp_path):
     restored.load_state_dict(loaded)
     assert restored.state_dict() == state
     assert [restored.value(s) for s in STEPS] == [schedule.value(s) for s in STEPS]
-
-
-@pytest.mark.parametrize("name", sorted(LR_EXAMPLES))
-def test_lr_state_dict_round_trip(name, tmp_path):
-    epochs, kwargs = LR_EXAMPLES[name]
-    schedule = create_lr_schedule(name, epochs, **kwargs)
-    state = schedule.state_dict()
-    assert all(_is_plain(v) for v in state.values()), state
-
-    path = tmp_path / "schedule.pt"
-    torch.save(state, path)
-    loaded = torch.load(path, weights_only=True)
-    assert loaded == state
-
-    restored = create_lr_schedule(name, 3)
-    restored.load_state_dict(loaded)
-    assert restored.state_dict() == state
-    assert [restored.factor(e) for e in range(30)] == [schedule.factor(e) for e in range(30)]
 
 
 def test_load_state_dict_of_another_schedule_raises():
@@ -276,29 +253,6 @@ def test_zero_beta_for_multiplicative_schedule_points_to_constant():
         create_beta_schedule("exponential", 0.0)
 
 
-def _bad_lr_cases():
-    for name in LR_SCHEDULES.names():
-        for value in (0, -1, 2.5):
-            yield name, value, {}, "epochs"
-    for value in (0, -1, 1.5):
-        yield "step", 10, dict(step_size=value), "step_size"
-    for value in (0.0, -0.5, _NAN, _INF):
-        yield "step", 10, dict(gamma=value), "gamma"
-    for value in (-1, 10, 11, 1.5):
-        yield "cosine", 10, dict(warmup=value), "warmup"
-    for value in (-0.1, 1.5, _NAN):
-        yield "cosine", 10, dict(min_factor=value), "min_factor"
-
-
-@pytest.mark.parametrize("name, epochs, kwargs, param", list(_bad_lr_cases()))
-def test_lr_invalid_argument(name, epochs, kwargs, param):
-    with pytest.raises(ConfigError) as info:
-        create_lr_schedule(name, epochs, **kwargs)
-    message = str(info.value)
-    assert f"{param}=" in message and name in message
-    assert "\n" not in message
-
-
 @pytest.mark.parametrize(
     "create, registry",
     [(lambda n: create_beta_schedule(n, 1.0), BETA_SCHEDULES), (lambda n: create_lr_schedule(n, 10), LR_SCHEDULES)],
@@ -354,10 +308,12 @@ def _registry_entries():
 
 
 @pytest.mark.parametrize("registry, name, positional, base", list(_registry_entries()))
-def test_factory_signature_follows_the_convention(registry, name, positional, base):
-    factory = registry.get(name)
-    params = list(inspect.signature(factory).parameters.values())
-    hints = typing.get_type_hints(factory)  # as the recipe reads them
+def test_registered_class_follows_the_convention(registry, name, positional, base):
+    cls = registry.get(name)
+    assert inspect.isclass(cls) and issubclass(cls, base)
+    assert cls.name == name  # the key its state_dict() carries
+    params = list(inspect.signature(cls).parameters.values())
+    hints = registry.option_hints(name)  # as the recipe reads them: typing.get_type_hints(cls.__init__)
     assert [p.name for p in params if p.kind is p.POSITIONAL_ONLY] == positional
     assert all(p.kind in (p.POSITIONAL_ONLY, p.KEYWORD_ONLY) for p in params)  # no *args, **kwargs, or both-ways
     for p in params:
@@ -369,117 +325,3 @@ def test_factory_signature_follows_the_convention(registry, name, positional, ba
         if hints[p.name] in _ALLOWED:
             assert type(p.default) is hints[p.name], f"{name}: {p.name}: default {p.default!r}"
     assert set(registry.options(name)) == {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-
-
-@pytest.mark.parametrize("registry, name, positional, base", list(_registry_entries()))
-def test_factory_agrees_with_its_class(registry, name, positional, base):
-    # The factory repeats its class's signature for the recipe; they must not drift apart.
-    factory = registry.get(name)
-    schedule = factory(1e-3 if registry is BETA_SCHEDULES else 10)
-    assert isinstance(schedule, base)
-    assert schedule.name == name
-    params = inspect.signature(factory).parameters
-    assert params == inspect.signature(type(schedule)).parameters  # names, kinds, defaults, annotations
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Learning-rate schedules
-
-
-def _cosine(e, epochs, warmup, m):
-    return m + (1 - m) * (1 + math.cos(math.pi * (e - warmup) / (epochs - warmup))) / 2
-
-
-@pytest.mark.parametrize(
-    "name, epochs, kwargs, epoch, expected",
-    [
-        ("constant", 10, {}, 0, 1.0),
-        ("constant", 10, {}, 1000, 1.0),
-        # step, defaults (VIB / MINE MNIST): x0.97 every 2 epochs
-        ("step", 10, {}, 0, 1.0),
-        ("step", 10, {}, 1, 1.0),
-        ("step", 10, {}, 2, 0.97),
-        ("step", 10, {}, 3, 0.97),
-        ("step", 10, {}, 10, 0.97**5),
-        ("step", 10, dict(step_size=3, gamma=0.5), 7, 0.25),
-        # cosine with a 2-epoch warm-up: (e + 1) / (warmup + 1), then cosine to min_factor at e = epochs
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 0, 1 / 3),
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 1, 2 / 3),
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 2, 1.0),
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 6, 0.55),
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 9, _cosine(9, 10, 2, 0.1)),
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 10, 0.1),
-        ("cosine", 10, dict(warmup=2, min_factor=0.1), 100, 0.1),
-        # cosine without warm-up
-        ("cosine", 4, {}, 0, 1.0),
-        ("cosine", 4, {}, 2, 0.5),
-        ("cosine", 4, {}, 3, _cosine(3, 4, 0, 0.0)),
-        ("cosine", 4, {}, 4, 0.0),
-        ("cosine", 1, {}, 0, 1.0),
-    ],
-)
-def test_lr_closed_form(name, epochs, kwargs, epoch, expected):
-    schedule = create_lr_schedule(name, epochs, **kwargs)
-    assert schedule.factor(epoch) == pytest.approx(expected, rel=1e-12, abs=1e-15)
-    assert schedule(epoch) == schedule.factor(epoch)
-
-
-@pytest.mark.parametrize("epoch, error", [(-1, ValueError), (0.5, TypeError)])
-def test_lr_rejects_bad_epochs(epoch, error):
-    with pytest.raises(error):
-        create_lr_schedule("step", 10).factor(epoch)
-
-
-def _adam(lrs, **kwargs):
-    torch.manual_seed(0)
-    groups = [{"params": [torch.nn.Parameter(torch.randn(3))], "lr": lr} for lr in lrs]
-    return torch.optim.Adam(groups, **kwargs)
-
-
-def test_set_lr_writes_each_group():
-    optimizer = _adam([1e-3, 1e-2])
-    base = [g["lr"] for g in optimizer.param_groups]
-    set_lr(optimizer, base, 0.5)
-    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-3]
-    set_lr(optimizer, base, 1.0)  # from the base, not compounding
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-2]
-
-
-def test_set_lr_keeps_a_tensor_lr_in_place():
-    optimizer = _adam([torch.tensor(1e-3)], foreach=False)
-    lr = optimizer.param_groups[0]["lr"]
-    set_lr(optimizer, [1e-3], 0.25)
-    assert optimizer.param_groups[0]["lr"] is lr
-    assert lr.item() == pytest.approx(2.5e-4)
-
-
-@pytest.mark.parametrize(
-    "base, factor", [([1e-3], 0.5), ([1e-3, 1e-3, 1e-3], 0.5), ([1e-3, 1e-3], -0.1), ([1e-3, 1e-3], _NAN)]
-)
-def test_set_lr_rejects_mismatch_and_bad_factor(base, factor):
-    with pytest.raises(ValueError):
-        set_lr(_adam([1e-3, 1e-3]), base, factor)
-
-
-@pytest.mark.parametrize(
-    "name, kwargs, reference",
-    [
-        ("step", {}, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.97)),
-        ("cosine", dict(min_factor=0.1), lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 12, eta_min=1e-4)),
-    ],
-)
-def test_lr_schedule_matches_torch_in_a_training_loop(name, kwargs, reference):
-    # Ours, driven by the epoch index, against torch's stateful scheduler on a twin Adam.
-    epochs = 12
-    ours, theirs = _adam([1e-3]), _adam([1e-3])
-    scheduler = reference(theirs)
-    schedule = create_lr_schedule(name, epochs, **kwargs)
-    base = [g["lr"] for g in ours.param_groups]
-    for epoch in range(epochs):
-        set_lr(ours, base, schedule.factor(epoch))
-        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-9)
-        for optimizer in (ours, theirs):
-            optimizer.param_groups[0]["params"][0].sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        scheduler.step()

@@ -56,7 +56,7 @@ def _memory_format(recipe: Recipe) -> torch.memory_format:
 def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MIEstimator]:
     if not recipe.mi.enabled:
         return None
-    if not getattr(ESTIMATORS.get(recipe.mi.estimator.name), "needs_critic", True):  # vib_kl: reads the code
+    if not ESTIMATORS.get(recipe.mi.estimator.name).needs_critic:  # vib_kl: reads the Gaussian code
         return ESTIMATORS.create(recipe.mi.estimator.name, recipe.model.bottleneck.name, **recipe.mi.estimator.options)
     critic = CRITICS.create(recipe.mi.critic.name, data.in_shape, z_dim, **recipe.mi.critic.options)
     estimator = ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)

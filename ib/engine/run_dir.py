@@ -144,7 +144,7 @@ def metrics_record(run: Run, row: Mapping[str, float], plane: Mapping[str, float
 
 def estimator_labels(estimator: Any) -> Dict[str, Any]:
     """What figures say of the run's I(X;Z) estimate: its `label` and whether it is an `upper_bound`."""
-    return {"label": getattr(estimator, "label", "TMP"), "upper_bound": getattr(estimator, "upper_bound", False)}  # TMP
+    return {"label": estimator.label, "upper_bound": estimator.upper_bound}
 
 
 class RunFolder:

@@ -8,8 +8,10 @@ An estimator keeps apart what it trains and what it reports:
   the encoder's distribution rather than samples.
 - `estimate(x, z, code=...)`: the plain bound on (held-out) data, in nats, with no surrogate and no moving average.
 
-An estimator without parameters (no critic, e.g. `vib_kl`) needs no optimiser; the trainer then skips the critic's
-step. Its factory carries `needs_critic = False`, and the library passes it the bottleneck's name instead of a critic.
+The registry holds the estimator classes themselves: positional-only arguments come from the library (the critic,
+or for `vib_kl` the bottleneck's registry name), keyword-only ones from the recipe's `mi.estimator`. What the trainer
+and the monitor need to know of an estimator are class attributes (`MIEstimator`), readable without building one. An
+estimator without parameters (no critic, e.g. `vib_kl`) needs no optimiser; the trainer then skips the critic's step.
 
 Data parallelism (`sync = True`, set by the trainer under torchrun): the bounds are those of the global batch.
 Marginal pairs draw z from every process, and means and log-mean-exps run over all processes' scores, with the
@@ -22,6 +24,7 @@ outputs of +-1e4 give finite losses and gradients.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -68,13 +71,22 @@ def dv_bound(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
 class MIEstimator(nn.Module):
     """An estimator of I(X;Z): a training loss for its own parameters, a penalty for the encoder, an estimate.
 
-    `loss_is_minus_penalty` says whether the loss's gradient is minus the penalty's (up to running statistics),
-    as for mine, mine_f and infonce: one backward pass through the loss can then serve both players (gradient
-    reversal). It is False for jsd and smile, whose critic trains on the Jensen-Shannon objective while the
-    encoder's penalty is a DV bound, and for vib_kl, which trains nothing.
+    Class attributes (the defaults here are those of a critic-based lower bound):
+        label: What the estimate is called in logs and figures, e.g. "MINE"; every registered estimator sets it.
+        upper_bound: Whether the estimate is an upper bound on I(X;Z) (vib_kl's KL) rather than a lower bound
+            (the critics' bounds).
+        needs_critic: Whether the library builds a critic and passes it as the first argument; if False (vib_kl)
+            it passes the model's bottleneck name instead, and the estimator has no parameters to train.
+        loss_is_minus_penalty: Whether the loss's gradient is minus the penalty's (up to running statistics), as for
+            mine, mine_f and infonce: one backward pass through the loss can then serve both players (gradient
+            reversal). False for jsd and smile, whose critic trains on the Jensen-Shannon objective while the
+            encoder's penalty is a DV bound, and for vib_kl, which trains nothing.
     """
 
-    loss_is_minus_penalty: bool = True
+    label: ClassVar[str]
+    upper_bound: ClassVar[bool] = False
+    needs_critic: ClassVar[bool] = True
+    loss_is_minus_penalty: ClassVar[bool] = True
     sync: bool = False  # global-batch bounds across the processes of a torchrun job (see the module note)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
@@ -121,7 +133,7 @@ class CriticEstimator(MIEstimator):
             log E_Q[e^T] term (the weak spot of DV-type bounds) at (P+1)/2 times the critic's cost.
     """
 
-    def __init__(self, critic: nn.Module, marginals: int = 1) -> None:
+    def __init__(self, critic: nn.Module, /, *, marginals: int = 1) -> None:
         super().__init__()
         if marginals < 1:
             raise ConfigError(f"marginals must be >= 1, got {marginals}")

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from ib.errors import ConfigError
 from ib.estimators.base import ESTIMATORS
+from ib.models.critics import CRITICS
 
 # Width of a separable critic's embeddings. On finite samples wider ones memorise the training pairs: at 2 nats in
 # d = 20, an InfoNCE critic with 256-wide embeddings read 2.6 nats on its training pairs and 0.8 held out; 32 (the
@@ -57,10 +58,7 @@ def estimate_mi(
     Returns:
         The estimate in nats.
     """
-    from ib.models.critics import CRITICS
-
-    factory = ESTIMATORS.get(estimator)
-    if not getattr(factory, "needs_critic", True):
+    if not ESTIMATORS.get(estimator).needs_critic:
         raise ConfigError(f"estimator '{estimator}' reads an encoder's Gaussian code, not samples; estimate_mi "
                           f"takes a critic-based one: mine, mine_f, infonce, smile, jsd")
     critic = critic or ("separable" if estimator == "infonce" else "joint")

@@ -34,6 +34,7 @@ def infonce_bound(s: Tensor) -> Tensor:
     return infonce_terms(s).mean()
 
 
+@ESTIMATORS.register("infonce")
 class InfoNCE(CriticEstimator):
     """The InfoNCE bound, trained and reported with every other sample in the batch as a negative.
 
@@ -46,7 +47,9 @@ class InfoNCE(CriticEstimator):
     it, because the true value may then be anything above.
     """
 
-    def __init__(self, critic: nn.Module) -> None:
+    label = "InfoNCE"
+
+    def __init__(self, critic: nn.Module, /) -> None:
         super().__init__(critic)
 
     def _bound(self, x: Tensor, z: Tensor) -> Tensor:
@@ -108,8 +111,3 @@ class InfoNCE(CriticEstimator):
                 f"{ceiling:.3f}: the true I(X;Z) may be far higher. Use larger blocks (batch_size) or a DV-type "
                 f"estimator (smile, mine)", stacklevel=2)
         return value
-
-
-@ESTIMATORS.register("infonce")
-def infonce(critic: nn.Module, /) -> InfoNCE:
-    return InfoNCE(critic)

@@ -13,7 +13,7 @@ minus the loss is the bound on the training batch, which the trainer logs as `mi
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ib.estimators.base import ESTIMATORS, CriticEstimator
 from ib.models.bottlenecks import Code
@@ -24,6 +24,7 @@ def js_objective(t_joint: Tensor, t_marginal: Tensor) -> Tensor:
     return -F.softplus(-t_joint).mean() - F.softplus(t_marginal).mean()
 
 
+@ESTIMATORS.register("jsd")
 class JSD(CriticEstimator):
     """Critic trained with the Jensen-Shannon objective; DV bound as penalty and estimate.
 
@@ -32,6 +33,7 @@ class JSD(CriticEstimator):
         marginals: shuffled pairings per sample and step (see CriticEstimator).
     """
 
+    label = "JSD"
     loss_is_minus_penalty = False  # the critic follows JS, the encoder the DV bound
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
@@ -42,8 +44,3 @@ class JSD(CriticEstimator):
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         return self.report(*self.scores(x, z))
-
-
-@ESTIMATORS.register("jsd")
-def jsd(critic: nn.Module, /, *, marginals: int = 1) -> JSD:
-    return JSD(critic, marginals=marginals)

@@ -24,6 +24,7 @@ from ib.estimators.base import ESTIMATORS, CriticEstimator, exp_capped
 from ib.models.bottlenecks import Code
 
 
+@ESTIMATORS.register("mine")
 class MINE(CriticEstimator):
     """Donsker-Varadhan bound trained with MINE's moving-average gradient correction.
 
@@ -31,11 +32,13 @@ class MINE(CriticEstimator):
         critic: statistics network T(x, z).
         ema_rate: weight of the newest batch in the moving average of E_Q[e^T]. The MINE paper and its public
             ports use 0.01 (an average over roughly the last 100 critic steps).
-        marginals: shuffled pairings per sample and step (see MIEstimator).
+        marginals: shuffled pairings per sample and step (see CriticEstimator).
     """
 
-    def __init__(self, critic: nn.Module, ema_rate: float = 0.01, marginals: int = 1) -> None:
-        super().__init__(critic, marginals)
+    label = "MINE"
+
+    def __init__(self, critic: nn.Module, /, *, ema_rate: float = 0.01, marginals: int = 1) -> None:
+        super().__init__(critic, marginals=marginals)
         if not 0.0 < ema_rate <= 1.0:
             raise ConfigError(f"ema_rate must be in (0, 1], got {ema_rate}")
         self.ema_rate = ema_rate
@@ -73,12 +76,19 @@ class MINE(CriticEstimator):
         return torch.where(self.ema_steps > 0, self._surrogate(mean_joint, lme), mean_joint - lme)
 
 
+@ESTIMATORS.register("mine_f")
 class MINEf(CriticEstimator):
     """MINE-f: the f-divergence (NWJ) bound E_P[T] - E_Q[e^(T - 1)], whose minibatch gradient is unbiased.
 
     E_Q[e^(T-1)] is computed as exp(log-mean-exp(T) - 1) (`exp_capped`: finite for extreme scores, exact below).
     The reported estimate is the DV bound of the same critic (never below the f-bound for the same T).
+
+    Args:
+        critic: statistics network T(x, z).
+        marginals: shuffled pairings per sample and step (see CriticEstimator).
     """
+
+    label = "MINE-f"
 
     def _bound(self, x: Tensor, z: Tensor) -> Tensor:
         t_joint, t_marginal = self.scores(x, z)
@@ -89,13 +99,3 @@ class MINEf(CriticEstimator):
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         return self._bound(x, z)
-
-
-@ESTIMATORS.register("mine")
-def mine(critic: nn.Module, /, *, ema_rate: float = 0.01, marginals: int = 1) -> MINE:
-    return MINE(critic, ema_rate=ema_rate, marginals=marginals)
-
-
-@ESTIMATORS.register("mine_f")
-def mine_f(critic: nn.Module, /, *, marginals: int = 1) -> MINEf:
-    return MINEf(critic, marginals=marginals)

@@ -26,6 +26,7 @@ def clipped_dv(t_joint: Tensor, t_marginal: Tensor, tau: float) -> Tensor:
     return t_joint.mean() - log_mean_exp(t_marginal.clamp(-tau, tau))
 
 
+@ESTIMATORS.register("smile")
 class SMILE(JSD):
     """Critic trained with Jensen-Shannon; the clipped DV bound as penalty and estimate.
 
@@ -35,8 +36,10 @@ class SMILE(JSD):
         marginals: shuffled pairings per sample and step (see CriticEstimator).
     """
 
-    def __init__(self, critic: nn.Module, tau: float = 5.0, marginals: int = 1) -> None:
-        super().__init__(critic, marginals)
+    label = "SMILE"
+
+    def __init__(self, critic: nn.Module, /, *, tau: float = 5.0, marginals: int = 1) -> None:
+        super().__init__(critic, marginals=marginals)
         if not (math.isfinite(tau) and tau > 0):
             raise ConfigError(f"tau must be a positive number, got {tau}")
         self.tau = tau
@@ -47,8 +50,3 @@ class SMILE(JSD):
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         return self.report(*self.scores(x, z))
-
-
-@ESTIMATORS.register("smile")
-def smile(critic: nn.Module, /, *, tau: float = 5.0, marginals: int = 1) -> SMILE:
-    return SMILE(critic, tau=tau, marginals=marginals)

@@ -41,10 +41,29 @@ def _gaussian(code: Code | None) -> Code:
     return code
 
 
+@ESTIMATORS.register("vib_kl")
 class VariationalKL(MIEstimator):
-    """E_x KL(N(mean, std^2) || N(0, I)), the VIB upper bound on I(X;Z), from the encoder's `Code`."""
+    """E_x KL(N(mean, std^2) || N(0, I)), the VIB upper bound on I(X;Z), from the encoder's `Code`.
 
+    Args:
+        bottleneck: registry name of the model's bottleneck, passed by the library in place of a critic; only a
+            Gaussian one has the mean and std the KL needs.
+
+    Raises:
+        ConfigError: `bottleneck` is not Gaussian.
+    """
+
+    label = "KL upper bound"
+    upper_bound = True
+    needs_critic = False  # the library passes the bottleneck's name instead of a critic
     loss_is_minus_penalty = False  # nothing to train; the penalty needs the Code
+
+    def __init__(self, bottleneck: str, /) -> None:
+        super().__init__()
+        if bottleneck not in GAUSSIAN_BOTTLENECKS:
+            raise ConfigError(f"mi.estimator: vib_kl needs a Gaussian encoder (model.bottleneck=gaussian), got "
+                              f"model.bottleneck={bottleneck}; use a critic-based estimator (mine, smile, ...) "
+                              f"instead")
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         """Nothing to train: a zero that needs no gradient."""
@@ -61,19 +80,3 @@ class VariationalKL(MIEstimator):
         """The average KL over the (held-out) set, in nats; the other arguments are unused."""
         code = _gaussian(code)
         return float(self.mean(gaussian_kl(code.mean, code.std).double()))
-
-
-@ESTIMATORS.register("vib_kl")
-def vib_kl(bottleneck: str, /) -> VariationalKL:
-    """The VIB upper bound; the library passes the bottleneck's registry name (no critic).
-
-    Args:
-        bottleneck: name of the model's bottleneck; only a Gaussian one has the mean and std the KL needs.
-    """
-    if bottleneck not in GAUSSIAN_BOTTLENECKS:
-        raise ConfigError(f"mi.estimator: vib_kl needs a Gaussian encoder (model.bottleneck=gaussian), got "
-                          f"model.bottleneck={bottleneck}; use a critic-based estimator (mine, smile, ...) instead")
-    return VariationalKL()
-
-
-vib_kl.needs_critic = False  # build_estimator passes the bottleneck's name instead of a critic

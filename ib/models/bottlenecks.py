@@ -10,8 +10,8 @@ from typing import Callable, Literal, NamedTuple, Optional, get_args
 import torch
 from torch import Tensor, nn
 
+from ib import checks
 from ib.models import functional
-from ib.models.encoders import _choice, _finite, _non_negative, _positive_int
 from ib.registry import Registry
 
 BOTTLENECKS = Registry("bottleneck")
@@ -173,8 +173,8 @@ def gaussian(
         z_dim: Width K of the code.
         std_offset: Shift making the initial std small (softplus(-5) ~ 0.0067).
     """
-    _positive_int("z_dim", z_dim)
-    std_offset = _finite("std_offset", std_offset)
+    checks.integer("z_dim", z_dim, minimum=1)
+    std_offset = checks.finite("std_offset", std_offset)
     return GaussianBottleneck(make_encoder(tuple(in_shape)), z_dim, in_shape, std_offset)
 
 
@@ -195,8 +195,8 @@ def additive(
         z_dim: Width K of the code.
         sigma: Std of the noise added to the (normalised) input.
     """
-    _positive_int("z_dim", z_dim)
-    sigma = _non_negative("sigma", sigma)
+    checks.integer("z_dim", z_dim, minimum=1)
+    sigma = checks.non_negative("sigma", sigma)
     return AdditiveBottleneck(make_encoder(tuple(in_shape)), z_dim, in_shape, sigma)
 
 
@@ -223,10 +223,10 @@ def propagated(
         layout: "channels" adds HxW noise maps to an image; "features" flattens the input and appends a noise
             vector, as for an MLP on flattened MNIST (with "channels" an MLP would see noise_dim * H * W extra inputs).
     """
-    _positive_int("z_dim", z_dim)
-    _positive_int("noise_dim", noise_dim)
-    sigma = _non_negative("sigma", sigma)
-    _choice("layout", layout, get_args(NoiseLayout))
+    checks.integer("z_dim", z_dim, minimum=1)
+    checks.integer("noise_dim", noise_dim, minimum=1)
+    sigma = checks.non_negative("sigma", sigma)
+    checks.choice("layout", layout, get_args(NoiseLayout))
     in_shape = tuple(in_shape)
     if len(in_shape) == 1:
         layout = "features"
@@ -252,5 +252,5 @@ def deterministic(
         in_shape: Shape of one input.
         z_dim: Width K of the code.
     """
-    _positive_int("z_dim", z_dim)
+    checks.integer("z_dim", z_dim, minimum=1)
     return DeterministicBottleneck(make_encoder(tuple(in_shape)), z_dim, in_shape)

@@ -4,10 +4,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ib import checks
 from ib.errors import ConfigError
 from ib.models.bottlenecks import BOTTLENECKS, Bottleneck, Code
-from ib.models.encoders import ENCODERS, MLP, _positive_int, _widths
-from ib.registry import Registry
+from ib.models.encoders import ENCODERS, MLP
 
 
 class IBClassifier(nn.Module):
@@ -30,8 +30,8 @@ class IBClassifier(nn.Module):
         decoder_hidden: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        _positive_int("num_classes", num_classes)
-        decoder_hidden = _widths("decoder_hidden", decoder_hidden)
+        checks.integer("num_classes", num_classes, minimum=1)
+        decoder_hidden = checks.widths("decoder_hidden", decoder_hidden)
         in_shape = bottleneck.in_shape
         channels = in_shape[0] if in_shape else 1
         if len(mean) not in (1, channels) or len(std) != len(mean):
@@ -77,8 +77,7 @@ class IBClassifier(nn.Module):
                 (the MINE paper predicts with 12), drawn in one batched pass over k copies of x (one encoder
                 pass for the Gaussian encoder).
         """
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-            raise ValueError(f"samples must be an integer >= 0, got {samples!r}")
+        checks.integer("samples", samples, minimum=0, error=ValueError)
         if samples == 0:
             return self.decode(self.encode(x, sample=False).z).softmax(-1)
         z = self.bottleneck.sample_z(self.normalise(x), samples)  # [S, B, K]
@@ -90,16 +89,6 @@ class IBClassifier(nn.Module):
         bottleneck allows (Gaussian: the mean and the samples share it), each [B, num_classes]."""
         mean, z = self.bottleneck.mean_and_samples(self.normalise(x), samples)  # [B, K], [S, B, K]
         return self.decode(mean).softmax(-1), self.decode(z).softmax(-1).mean(0)
-
-
-def _check_kwargs(registry: Registry, name: str, kwargs: Mapping[str, Any]) -> None:
-    options = registry.options(name)
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        raise ConfigError(
-            f"unknown setting(s) {', '.join(unknown)} for {registry.kind} '{name}'; "
-            f"valid: {', '.join(sorted(options)) or 'none'}"
-        )
 
 
 def build_classifier(
@@ -129,9 +118,6 @@ def build_classifier(
     Raises:
         ConfigError: An unknown name or setting, or a value out of range.
     """
-    _check_kwargs(ENCODERS, encoder, encoder_kwargs)
-    _check_kwargs(BOTTLENECKS, bottleneck, bottleneck_kwargs)
-
     def make_encoder(shape: tuple[int, ...]) -> nn.Module:
         return ENCODERS.create(encoder, tuple(shape), **encoder_kwargs)
 

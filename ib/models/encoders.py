@@ -1,15 +1,15 @@
 """Encoders: networks mapping inputs [B, *in_shape] to features [B, out_features].
 
 A factory takes the input shape positionally (the library supplies it) and its settings by keyword (a recipe sets
-them); the module it returns has an ``out_features`` attribute that bottleneck heads size themselves from. The
-small validation helpers here are shared by the sibling modules of ``ib.models``.
+them); the module it returns has an ``out_features`` attribute that bottleneck heads size themselves from. Settings
+are checked with `ib.checks`.
 """
 import math
-from typing import Any, Collection, Literal, Optional, Sequence, get_args
+from typing import Literal, Optional, Sequence, get_args
 
 from torch import Tensor, nn
 
-from ib.errors import ConfigError
+from ib import checks
 from ib.models import functional
 from ib.registry import Registry
 
@@ -32,52 +32,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 def make_activation(name: str) -> nn.Module:
     """A fresh activation module for one of the names in `Activation`."""
-    return _ACTIVATIONS[_choice("activation", name, get_args(Activation))]()
-
-
-# Validation: one-line ConfigErrors naming the parameter, the bad value and what is allowed.
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _widths(name: str, value: Any, allow_empty: bool = True) -> tuple[int, ...]:
-    """Checks a sequence of layer widths (a YAML list arrives as a list; it is returned as a tuple)."""
-    ok = isinstance(value, Sequence) and not isinstance(value, str)
-    ok = ok and all(not isinstance(w, bool) and isinstance(w, int) and w > 0 for w in value)
-    if not ok or (not allow_empty and len(value) == 0):
-        allowed = "a non-empty sequence of positive widths" if not allow_empty else "positive widths"
-        shown = tuple(value) if isinstance(value, list) else value
-        raise ConfigError(f"{name} must be {allowed}, got {shown!r}")
-    return tuple(value)
-
-
-def _choice(name: str, value: Any, choices: Collection[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(repr, sorted(choices)))}, got {value!r}")
-    return value
-
-
-def _image_shape(who: str, in_shape: Sequence[int]) -> tuple[int, int, int]:
-    if len(in_shape) != 3:
-        raise ConfigError(f"{who} needs an image input shape (C, H, W), got {tuple(in_shape)!r}")
-    c, h, w = in_shape
-    return c, h, w
+    return _ACTIVATIONS[checks.choice("activation", name, get_args(Activation))]()
 
 
 class MLP(nn.Sequential):
@@ -227,8 +182,8 @@ def mlp(
         hidden: Widths of the layers; empty for the flattened input itself.
         activation: Activation after each layer.
     """
-    hidden = _widths("hidden", hidden)
-    _choice("activation", activation, get_args(Activation))
+    hidden = checks.widths("hidden", hidden)
+    checks.choice("activation", activation, get_args(Activation))
     return MLPEncoder(in_shape, hidden, activation)
 
 
@@ -249,10 +204,10 @@ def convnet(
         hidden: Width of the final layer.
         activation: Activation after each convolution and the final layer.
     """
-    shape = _image_shape("convnet", in_shape)
-    channels = _widths("channels", channels)
-    _positive_int("hidden", hidden)
-    _choice("activation", activation, get_args(Activation))
+    shape = checks.image_shape("convnet", in_shape)
+    channels = checks.widths("channels", channels)
+    checks.integer("hidden", hidden, minimum=1)
+    checks.choice("activation", activation, get_args(Activation))
     return ConvNet(shape, channels, hidden, activation)
 
 
@@ -264,5 +219,5 @@ def resnet18_cifar(in_shape: tuple[int, ...], /, *, width: int = 64) -> nn.Modul
         in_shape: (C, H, W) of one input.
         width: Channels of the first stage (64 in the standard network).
     """
-    c, _, _ = _image_shape("resnet18_cifar", in_shape)
-    return ResNetCifar(c, _positive_int("width", width))
+    c, _, _ = checks.image_shape("resnet18_cifar", in_shape)
+    return ResNetCifar(c, checks.integer("width", width, minimum=1))

@@ -1,10 +1,10 @@
 """Elementwise functions whose CPU kernels in torch are not vectorised, computed through vectorised ones.
 
-torch's CPU ELU and softplus call scalar `expm1` and `log1p` per element (benchmarks/cpu_kernels.py: 5.8x and 3.3x
-slower than these on 2 CPU cores). The paper's statistics network runs two ELUs on every pair each step and the
-Gaussian bottleneck a softplus on every code; these versions give torch's values to float rounding (tests compare
-them over the whole float range). They take float32 and float64 on the CPU; other dtypes (bf16, where e^x - 1 near
-0 would lose its digits) and other devices use torch's kernels.
+torch's CPU ELU and softplus call scalar `expm1` and `log1p` per element, which makes them several times slower
+than these exp-based versions (benchmarks/results/cpu_kernels.md). The paper's statistics network runs two ELUs on
+every pair each step and the Gaussian bottleneck a softplus on every code; these versions give torch's values to
+float rounding (tests compare them over the whole float range). They take float32 and float64 on the CPU; other
+dtypes (bf16, where e^x - 1 near 0 would lose its digits) and other devices use torch's kernels.
 """
 from typing import Any
 
