@@ -1,13 +1,6 @@
 """Evaluation a reviewer can trust: clean metrics, a robustness sweep, and sanity checks against weak attacks.
 
-Two model variants are evaluated everywhere:
-  * `mean`: the deterministic model that decodes the noise-free code, `model(x, sample=False)`;
-  * `sampled`: the stochastic model, whose prediction is the mean softmax over K draws of Z (as `predict_proba`);
-    `accuracy_per_draw` is the accuracy of one draw, averaged over the K draws.
-The attacks on `sampled` follow one random code per gradient (fgsm, pgd_linf, pgd_l2) or the average over
-`eot_samples` codes (eot_pgd). Every prediction of a batch uses the same codes (common random numbers, seeded per
-batch), so an attack at eps 0 reproduces the clean accuracy exactly and accuracies at different eps differ by the
-attack alone.
+Both model variants, `mean` and `sampled`, are evaluated with common random numbers (see `ib.robustness`).
 
 The sanity checks (`eval.json` "checks", and an `EvalWarning` for each one that fails):
   1. `eval_mode`: every module is in eval mode during the evaluation and the mean-code logits are repeatable;

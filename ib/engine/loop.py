@@ -23,16 +23,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ib import distributed
+from ib.checkpoint import load_checkpoint
 from ib.data import BatchLoader, Split
 from ib.engine.build import Run, build_run
 from ib.engine.run_dir import RunFolder, check_run_dir, metrics_record, prepare_run_dir, record_failure
 from ib.engine.step import StepStats, TrainingError, train_step
 from ib.errors import CheckpointError
-from ib.checkpoint import load_checkpoint
 from ib.models.classifier import IBClassifier
 from ib.modes import evaluating
 from ib.monitor import read_json, write_json
 from ib.plane import information_plane, to_units
+from ib.recipe import Recipe
 from ib.schedules import set_lr
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 Row = Dict[str, float]
 
 
-def fit(recipe: Any, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+def fit(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
         stop_after: Optional[int] = None, handle_signals: bool = False) -> Dict[str, Any]:
     """Train `recipe` into `run_dir`, or continue the run there (`resume=True`, from its `last.pt`).
 
@@ -77,7 +78,7 @@ def fit(recipe: Any, run_dir: str | Path, *, resume: bool = False, overwrite: bo
     return metrics
 
 
-def _open_run(recipe: Any, run_dir: Path, proc: distributed.Process, device: Optional[torch.device], *,
+def _open_run(recipe: Recipe, run_dir: Path, proc: distributed.Process, device: Optional[torch.device], *,
               resume: bool, overwrite: bool) -> Run:
     """Build the run, from `last.pt` when resuming; otherwise check (before the data are loaded) and prepare the
     run folder."""
@@ -236,7 +237,7 @@ def evaluation_row(run: Run, probe: Split, row: Row, epoch: int, *, started: flo
     if r.model.eval_samples:
         row["acc/val_sampled"] = val["acc_sampled"]
     if test:
-        row.update(test_row(run))
+        row.update(_test_row(run))
     t2 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -290,7 +291,7 @@ def finish(run: Run, run_dir: Path, status: str, last: Optional[Tuple[Row, Row]]
         metrics = metrics_record(run, *(last or ({}, {})), status)
     reported = metrics.get("test_accuracy")
     if status == "completed" and (not isinstance(reported, float) or math.isnan(reported)):
-        tested = metrics_record(run, test_row(run), {}, status)
+        tested = metrics_record(run, _test_row(run), {}, status)
         metrics.update({k: tested[k] for k in ("test_accuracy", "test_accuracy_mean_code", "test_accuracy_sampled",
                                                "test_nll")})
     if run.proc.is_main:
@@ -334,7 +335,7 @@ def evaluate(model: IBClassifier, loader: BatchLoader, *, samples: int, seed: in
     return {"acc": acc, "acc_sampled": float(correct_sampled) / n if samples > 0 else acc, "nll": float(nll) / n}
 
 
-def test_row(run: Run) -> Row:
+def _test_row(run: Run) -> Row:
     """The test split's figures under their history tags (under torchrun, each process evaluates its share)."""
     samples = run.recipe.model.eval_samples
     test = evaluate(run.model, run.test_loader, samples=samples, seed=run.recipe.seed, reduce=run.proc.distributed)
@@ -343,8 +344,6 @@ def test_row(run: Run) -> Row:
         row["acc/test_sampled"] = test["acc_sampled"]
     return row
 
-
-test_row.__test__ = False  # not a pytest test, whatever its name
 
 
 def probe_set(run: Run) -> Split:

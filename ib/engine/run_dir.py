@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 from ib import __version__
 from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint

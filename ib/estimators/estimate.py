@@ -7,6 +7,7 @@ from torch import Tensor
 from ib.errors import ConfigError
 from ib.estimators.base import ESTIMATORS
 from ib.models.critics import CRITICS
+from ib.modes import seeded
 
 # Width of a separable critic's embeddings. On finite samples wider ones memorise the training pairs: at 2 nats in
 # d = 20, an InfoNCE critic with 256-wide embeddings read 2.6 nats on its training pairs and 0.8 held out; 32 (the
@@ -78,8 +79,7 @@ def estimate_mi(
         raise ConfigError(f"holdout={holdout} leaves {n - n_train} held-out sample of N={n}; the estimate needs at "
                           f"least 2 (raise holdout, or 0 to estimate on the training samples)")
     x, y = x.float(), y.float()
-    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        torch.manual_seed(seed)
+    with seeded(seed, x.device):
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g).to(x.device)
         train, test = perm[:n_train], perm[n_train:] if n_train < n else perm
