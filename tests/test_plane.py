@@ -1,6 +1,7 @@
 """The information plane: closed forms, what a short run writes to TensorBoard, and the `ib plane` figures."""
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,17 +100,16 @@ def test_bits_everywhere(tmp_path):
     assert mb["I_XZ_nats"] == pytest.approx(mn["I_XZ_nats"])
 
 
-def test_event_files_hold_scalars_figure_and_layout(tmp_path):
+def test_event_files_hold_scalars_figure_and_layout(digits_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-    fit(load_recipe(DIGITS, ["epochs=2", *SMALL]), tmp_path / "run")
-    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0, "tensors": 0})
+    acc = EventAccumulator(str(digits_run), size_guidance={"images": 0, "tensors": 0})  # 3 epochs
     acc.Reload()
     tags = acc.Tags()
     assert {"mi/I_XZ", "mi/I_XZ_upper", "mi/I_ZY", "mi/H_Y", "time/plane_s"} <= set(tags["scalars"])
     assert "mi/information_plane" in tags["images"]
-    assert len(acc.Images("mi/information_plane")) == 2
+    assert len(acc.Images("mi/information_plane")) == 3
     layout_events = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout()
     layout.ParseFromString(layout_events[0].tensor_proto.string_val[0])
@@ -118,8 +118,8 @@ def test_event_files_hold_scalars_figure_and_layout(tmp_path):
     assert margin.margin.series[0].value == "mi/I_XZ" and margin.margin.series[0].upper == "mi/I_XZ_upper"
 
 
-def test_ib_plane_writes_pngs(tmp_path):
-    fit(load_recipe(DIGITS, ["epochs=2", *SMALL]), tmp_path / "run")
+def test_ib_plane_writes_pngs(tmp_path, digits_run):
+    shutil.copytree(digits_run, tmp_path / "run")
     assert main(["plane", str(tmp_path / "run")]) == 0
     png = (tmp_path / "run" / "plane.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

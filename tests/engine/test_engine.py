@@ -37,9 +37,8 @@ def _metrics(run_dir: Path):
     return m
 
 
-def test_cli_train_writes_a_complete_run_folder(tmp_path):
-    run = tmp_path / "run"
-    assert main(["train", str(DIGITS), "epochs=3", *SMALL, "--run-dir", str(run)]) == 0
+def test_cli_train_writes_a_complete_run_folder(digits_run):
+    run = digits_run  # `ib train recipes/digits.yaml epochs=3 ...` (conftest.py), with SMALL's settings
     for name in ("recipe.yaml", "last.pt", "best.pt", "history.csv", "metrics.json"):
         assert (run / name).is_file(), name
     assert list(run.glob("events.out.tfevents.*"))
@@ -59,12 +58,15 @@ def test_cli_train_writes_a_complete_run_folder(tmp_path):
     assert saved.epochs == 3 and saved.model.bottleneck.options["z_dim"] == 8
 
 
-def test_tensorboard_events_hold_the_scalars(tmp_path):
+def test_tensorboard_events_hold_the_scalars(tmp_path, digits_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for test_every, test_steps in ((0, [3]), (2, [2, 3]), (1, [1, 2, 3])):
         run = tmp_path / f"run_{test_every}"
-        fit(load_recipe(DIGITS, ["epochs=3", *SMALL, f"monitor.test_every={test_every}"]), run)
+        if test_every == 0:  # the default: the shared run
+            run = digits_run
+        else:
+            fit(load_recipe(DIGITS, ["epochs=3", *SMALL, f"monitor.test_every={test_every}"]), run)
         acc = EventAccumulator(str(run))
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
