@@ -137,14 +137,17 @@ def metrics_record(run: Run, row: Mapping[str, float], plane: Mapping[str, float
         "epoch_seconds": list(progress.epoch_seconds),
         "device": str(run.device),
         "processes": run.proc.world_size,
-        "estimator": None if estimator is None else {"name": run.recipe.mi.estimator.name, **estimator_labels(estimator)},
+        "estimator": None if estimator is None else {"name": run.recipe.mi.estimator.name, **estimator_labels(run)},
         "ib_version": __version__,
     }
 
 
-def estimator_labels(estimator: Any) -> Dict[str, Any]:
-    """What figures say of the run's I(X;Z) estimate: its `label` and whether it is an `upper_bound`."""
-    return {"label": estimator.label, "upper_bound": estimator.upper_bound}
+def estimator_labels(run: Run) -> Dict[str, Any]:
+    """What figures say of the run's I(X;Z) estimate: its estimator's `label` ("" without one) and whether it is an
+    `upper_bound` (no band to draw to the KL bound)."""
+    if run.estimator is None:
+        return {"label": "", "upper_bound": False}
+    return {"label": run.estimator.label, "upper_bound": run.estimator.upper_bound}
 
 
 class RunFolder:
@@ -161,7 +164,7 @@ class RunFolder:
         recipe = run.recipe
         text = dump_recipe(recipe)
         atomic_write(run_dir / "recipe.yaml", lambda f: f.write(text.encode()))
-        labels = estimator_labels(run.estimator) if run.estimator is not None else {"label": "", "upper_bound": False}
+        labels = estimator_labels(run)
         self.loggers: List[EpochLogger] = [
             CSVHistory(run_dir / "history.csv", run.progress.epoch),
             TensorBoardLogger(run_dir, run.progress.epoch, units=recipe.monitor.units,
@@ -190,7 +193,6 @@ class RunFolder:
                 logger.close()
             except Exception as e:  # e.g. a full disk while flushing TensorBoard: the error in flight matters more
                 log.warning("closing %s: %s", type(logger).__name__, " ".join(str(e).split()))
-
 
 
 def record_failure(run_dir: Path, run: Run, error: BaseException) -> None:
