@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ib import __version__
 from ib.errors import ConfigError, IBError
@@ -100,11 +100,9 @@ def _train(args: argparse.Namespace) -> int:
 
     metrics = fit(recipe, run_dir, resume=bool(args.resume), overwrite=args.overwrite, stop_after=args.stop_after,
                   handle_signals=True)
-    if metrics["status"] == "completed" and recipe.eval.enabled and _rank() == 0:
-        # The recipe's `eval:` section, as `ib eval RUN_DIR` (in one process, after the others have left).
-        from ib.evaluate import evaluate_run
+    from ib.evaluate import evaluate_after_training
 
-        evaluate_run(run_dir)
+    evaluate_after_training(recipe, run_dir, metrics)
     if metrics["status"] == "interrupted":
         if _rank() > 0:
             return EXIT_INTERRUPTED
@@ -133,10 +131,26 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def saved_estimator_labels(run_dir: Path) -> Dict[str, Any]:
+    """The label and bound direction of the estimator in a run folder's `recipe.yaml`, for a run whose
+    `metrics.json` has no "estimator" entry (written before it had one); {} when the recipe cannot be read."""
+    from ib.estimators import ESTIMATORS
+    from ib.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(run_dir / "recipe.yaml")
+    except ConfigError:
+        return {}
+    if not recipe.mi.enabled:
+        return {"label": "", "upper_bound": False}
+    cls = ESTIMATORS.get(recipe.mi.estimator.name)
+    return {"label": cls.label, "upper_bound": cls.upper_bound}
+
+
 def _plane(args: argparse.Namespace) -> int:
     from ib.monitor import write_plane_plots
 
-    for path in write_plane_plots(Path(args.dir)):
+    for path in write_plane_plots(Path(args.dir), saved_estimator_labels):
         log.info("wrote %s", path)
     return 0
 
@@ -153,8 +167,12 @@ def eval_overrides(args: argparse.Namespace) -> List[str]:
     out = []
     for key in _EVAL_FLAGS:
         value = getattr(args, key)
-        if value is not None:
-            out.append(f"eval.{key}=[{value}]" if key in _EVAL_LISTS else f"eval.{key}={value}")
+        if value is None:
+            continue
+        if key in _EVAL_LISTS and any(not item.strip() for item in value.split(",")):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag}: expected a comma-separated list like 0.05,0.1, got '{value}'")
+        out.append(f"eval.{key}=[{value}]" if key in _EVAL_LISTS else f"eval.{key}={value}")
     return out + list(args.overrides)
 
 

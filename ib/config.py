@@ -274,7 +274,7 @@ def build_dataclass(cls: type, raw: Any, registries: Registries, key: str = "") 
     for name, f in fields.items():
         sub = f"{key}.{name}" if key else name
         tp = hints[name]
-        if tp is Component:  # given or not, a component's options are filled in from its factory and checked
+        if tp is Component:  # given or not, a component's options are filled in from its registry entry and checked
             regs = regs or dict(registries())
             default = f.default_factory()
             value = raw.get(name, {"name": default.name, **default.options})

@@ -61,6 +61,16 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def is_main_process() -> bool:
+    """Whether this process is the one that writes, as `setup` decides: rank 0 of a job of several processes, and
+    any process outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return True
+    return int(os.environ["RANK"]) == 0
+
+
 def setup(device: str) -> tuple[Process, Optional[torch.device]]:
     """Join the process group when launched by torchrun with more than one process.
 

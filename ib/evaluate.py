@@ -22,16 +22,24 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ib import __version__
+from ib import __version__, distributed
 from ib.attacks import LossKind, input_gradient, mean_code_loss, pgd, sampled_loss
 from ib.data import BatchLoader, Split
 from ib.engine.build import load_run
 from ib.errors import ConfigError
-from ib.modes import evaluating, rng_devices, seeded
+from ib.modes import evaluating, seeded
 from ib.monitor import write_eval_outputs
-from ib.recipe import AttackName, check_attacks, check_radii
-from ib.robustness import (LINF_PGD, THREATS, Variant, clean_metrics, derive_seed, is_correct,
-                           headline_robust_accuracy, robustness_sweep)
+from ib.recipe import AttackName, Recipe, check_attacks, check_radii
+from ib.robustness import (
+    LINF_PGD,
+    THREATS,
+    Variant,
+    clean_metrics,
+    derive_seed,
+    headline_robust_accuracy,
+    is_correct,
+    robustness_sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ def eval_mode_check(model: nn.Module, loader: BatchLoader, was_training: List[st
     repeatable = True
     with torch.inference_mode():
         for x, _ in loader:  # one batch
-            with torch.random.fork_rng(devices=rng_devices(x.device)):
+            with evaluating(device=x.device):  # the same random state for both passes, then restored
                 repeatable = torch.equal(model(x, sample=False), model(x, sample=False))
     passed = not training and repeatable
     if passed:
@@ -275,6 +283,16 @@ def evaluate_model(
 # `ib eval`: a checkpoint's evaluation, written beside it
 
 
+def evaluate_after_training(recipe: Recipe, run_dir: str | Path,
+                            metrics: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The recipe's `eval:` section, as `ib eval RUN_DIR`, once `fit` has completed the run (in the main process
+    alone, after the others have left); what `ib train` and `ib sweep` do after training. Returns the report, or
+    None when there is nothing to evaluate."""
+    if metrics["status"] != "completed" or not recipe.eval.enabled or not distributed.is_main_process():
+        return None
+    return evaluate_run(run_dir)
+
+
 def evaluate_run(path: str | Path, overrides: Sequence[str] = (), *, device: Optional[str] = None,
                  tensorboard: bool = True) -> Dict[str, Any]:
     """`ib eval`: evaluate a checkpoint with its recipe's `eval` settings, updated by `eval.*=value` overrides
@@ -291,10 +309,12 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), *, device: Opt
         The report written to `eval.json`.
     """
     t0 = time.perf_counter()
+    if isinstance(overrides, (str, Mapping)) or not all(isinstance(o, str) for o in overrides):
+        raise TypeError(f"overrides must be a sequence of 'eval.key=value' strings, got {overrides!r}")
     other = [o for o in overrides if not o.startswith("eval.")]
     if other:
         raise ConfigError(f"ib eval takes eval.* settings only (the run was trained as it was), got '{other[0]}'")
-    run = load_run(path, overrides, device)
+    run = load_run(path, device, overrides=overrides)
     settings = run.recipe.eval
     split = run.data.test if settings.split == "test" else run.data.val
     if settings.limit is not None:

@@ -3,7 +3,8 @@ PNG figures of a run, a sweep or an evaluation.
 
 Each logger takes the epoch's row of metrics (a flat dict with hierarchical keys such as `loss/ce`, `mi/I_XZ`,
 `acc/val`) after the loop has computed it; none of them computes anything itself. The figures themselves are pure
-functions in `ib.plots`; this module reads the files they are drawn from and writes them.
+functions in `ib.plots`; this module reads the files they are drawn from and writes them. `ib.plots` (matplotlib) is
+imported where a figure is drawn, so that a process that draws none (a torchrun worker) never loads it.
 """
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence
 
 from ib.checkpoint import atomic_write
 from ib.errors import ConfigError
-from ib.plots import accuracy_figure, ib_curve_figure, plane_figure, robustness_figure
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Files
@@ -162,6 +162,8 @@ class TensorBoardLogger:
                 self.writer.add_scalar(tag, value, epoch)
         self.points.append(plane_point(epoch, row))
         if self.plane_figure:
+            from ib.plots import plane_figure
+
             figure = plane_figure(self.points, self.units, xz_name=self.xz_name, upper_bound=self.upper_bound)
             self.writer.add_figure("mi/information_plane", figure, epoch)
         self.writer.flush()
@@ -194,16 +196,37 @@ def information_layout(units: str, xz_name: str = "MINE", upper_bound: bool = Fa
     }
 
 
+HPARAMS_METRICS = ("test_accuracy", "val_accuracy", "I_XZ", "I_ZY", "robust_accuracy")
+
+
+def write_hparams_events(run_dir: Path, params: Mapping[str, Any], row: Mapping[str, Any], step: int) -> None:
+    """TensorBoard HParams of a run, written into its own folder so that TensorBoard pairs them with its scalars:
+    `params` against the finite figures of `row` (a sweep.csv row) named in HPARAMS_METRICS, at `step`."""
+    from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard's writer only where one is made
+    from torch.utils.tensorboard.summary import hparams
+
+    metrics = {f"hparams/{k}": float(row[k]) for k in HPARAMS_METRICS
+               if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+    exp, ssi, sei = hparams(dict(params), metrics)
+    with SummaryWriter(str(run_dir)) as w:
+        for summary in (exp, ssi, sei):
+            w.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            w.add_scalar(tag, value, step)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures of a run folder, a sweep folder and an evaluation
 
 
-def write_plane_plots(folder: str | Path) -> List[Path]:
+def write_plane_plots(folder: str | Path,
+                      labels_of: Optional[Callable[[Path], Mapping[str, Any]]] = None) -> List[Path]:
     """PNG files for papers, without TensorBoard: a run folder gets `plane.png`; a sweep folder gets
     `ib_curve.png`, `accuracy_vs_beta.png` and a `plane.png` in each run folder.
 
-    A run folder's `metrics.json` says which estimator `mi/I_XZ` comes from (its "estimator" entry); a folder
-    without it is drawn with no estimator named.
+    A run folder's `metrics.json` says which estimator `mi/I_XZ` comes from (its "estimator" entry: "label",
+    "upper_bound"); for a folder without it, `labels_of(run_dir)` gives them (`ib plane` reads the run's recipe),
+    and without that the figure names no estimator.
 
     Raises:
         ConfigError: `folder` holds neither a run (history.csv) nor a sweep (sweep.csv).
@@ -217,11 +240,16 @@ def write_plane_plots(folder: str | Path) -> List[Path]:
         for r in rows:
             run_dir = folder / str(r["run"])
             if (run_dir / "history.csv").is_file():
-                written += write_plane_plots(run_dir)
+                written += write_plane_plots(run_dir, labels_of)
         return written
     if (folder / "history.csv").is_file():
+        from ib.plots import plane_figure
+
         metrics = read_json(folder / "metrics.json") or {}
-        estimator = metrics.get("estimator") if isinstance(metrics.get("estimator"), dict) else {}
+        if "estimator" in metrics:
+            estimator = metrics["estimator"] or {}  # null: the run has no estimator
+        else:
+            estimator = labels_of(folder) if labels_of is not None else {}
         path = folder / "plane.png"
         figure = plane_figure(history_points(folder), metrics.get("units", "nats"), title=folder.name,
                               xz_name=str(estimator.get("label", "")),
@@ -233,6 +261,8 @@ def write_plane_plots(folder: str | Path) -> List[Path]:
 
 def write_sweep_plots(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], units: str) -> List[Path]:
     """`ib_curve.png` and `accuracy_vs_beta.png` of a sweep, from its completed runs' rows."""
+    from ib.plots import accuracy_figure, ib_curve_figure
+
     done = [r for r in rows if r.get("status") == "completed"]
     paths = [sweep_dir / "ib_curve.png", sweep_dir / "accuracy_vs_beta.png"]
     ib_curve_figure(done, units).savefig(str(paths[0]))
@@ -259,6 +289,8 @@ def write_eval_outputs(run_dir: Path, report: Mapping[str, Any], attacks: Sequen
     run_dir = Path(run_dir)
     write_json(run_dir / "eval.json", report)
     write_csv(run_dir / "robustness.csv", report["robustness"], ROBUSTNESS_COLUMNS)
+    from ib.plots import robustness_figure
+
     ckpt = Path(report["checkpoint"])
     title = f"{ckpt.parent.name}/{ckpt.name}, {report['split']} ({report['n']} samples)"
     fig = robustness_figure(report["robustness"], attacks, title)

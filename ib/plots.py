@@ -11,7 +11,6 @@ import math
 from typing import Any, Dict, List, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-
 from matplotlib.figure import Figure
 
 

@@ -7,7 +7,6 @@ are written either as a bare name or as a mapping `{name: ..., <option>: ...}`; 
 the keyword-only parameters of the registered function or class, which are the schema for that entry.
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import math
 import re
@@ -18,8 +17,17 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import yaml
 
-from ib.config import (Component, FieldError, apply_overrides, build_dataclass, component, parse_yaml, setting,
-                       show, to_plain)
+from ib.config import (
+    Component,
+    FieldError,
+    apply_overrides,
+    build_dataclass,
+    component,
+    parse_yaml,
+    setting,
+    show,
+    to_plain,
+)
 from ib.errors import ConfigError
 from ib.registry import Registry
 
@@ -76,7 +84,8 @@ def _critic_optimizer() -> OptimConfig:
 @dataclass
 class MIConfig:
     enabled: bool = setting(True, "train a critic and estimate I(X;Z); required when beta > 0")
-    estimator: Component = component("mine", "estimator", "the I(X;Z) term: mine, mine_f, infonce, smile, jsd, vib_kl (see docs/estimators.md)")
+    estimator: Component = component("mine", "estimator", "the I(X;Z) term: mine, mine_f, infonce, smile, jsd, "
+                                     "vib_kl (see docs/estimators.md)")
     critic: Component = component("joint", "critic", "statistics network T(x, z)")
     optimizer: OptimConfig = field(
         default_factory=_critic_optimizer, metadata={"help": "the critic's own optimizer (it maximises the bound)"}

@@ -1,8 +1,8 @@
-"""Name -> factory registries for encoders, bottlenecks, critics, estimators, schedules and data sets.
+"""Name -> entry registries for encoders, bottlenecks, critics, estimators, schedules and data sets.
 
-An entry is a function or a class. Its positional-only parameters are supplied by the library (shapes,
-sub-modules); its keyword-only parameters are what a recipe may set, and their annotations and defaults are the
-recipe's schema for that entry (`options`, `option_hints`).
+An entry is a function or a class (estimators and schedules are classes). Its positional-only parameters are
+supplied by the library (shapes, sub-modules); its keyword-only parameters are what a recipe may set, and their
+annotations and defaults are the recipe's schema for that entry (`options`, `option_hints`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Registry:
-    """A dict of named factories whose lookup error lists the valid names.
+    """A dict of named functions or classes whose lookup error lists the valid names.
 
     Args:
         kind: What the entries are, for messages ("encoder", "critic", ...).

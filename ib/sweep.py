@@ -13,7 +13,6 @@ difference stops the sweep before it trains anything.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -23,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ib.engine import fit, resume_recipe
 from ib.errors import ConfigError, IBError
-from ib.evaluate import evaluate_run
-from ib.monitor import read_json, write_csv, write_sweep_plots
+from ib.evaluate import evaluate_after_training
+from ib.monitor import read_json, write_csv, write_hparams_events, write_sweep_plots
 from ib.recipe import Recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
 
 log = logging.getLogger(__name__)
@@ -166,19 +165,8 @@ def _robust_accuracy(run_dir: Path) -> Optional[float]:
 
 
 def write_hparams(run: SweepRun, row: Dict[str, Any]) -> None:
-    """TensorBoard HParams for one run, written into its own folder (so TensorBoard pairs them with its scalars)."""
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    metrics = {f"hparams/{k}": float(row[k]) for k in ("test_accuracy", "val_accuracy", "I_XZ", "I_ZY",
-                                                        "robust_accuracy")
-               if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
-    exp, ssi, sei = hparams({"beta": run.beta, "seed": run.seed}, metrics)
-    with SummaryWriter(str(run.run_dir)) as w:
-        for summary in (exp, ssi, sei):
-            w.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            w.add_scalar(tag, value, run.recipe.epochs)
+    """TensorBoard HParams for one run (its beta and seed against its final figures), in its own folder."""
+    write_hparams_events(run.run_dir, {"beta": run.beta, "seed": run.seed}, row, run.recipe.epochs)
     (run.run_dir / ".hparams_written").touch()
 
 
@@ -253,8 +241,7 @@ def run_sweep(
                 metrics = fit(run.recipe, run.run_dir, resume=resume, overwrite=not resume,
                               handle_signals=handle_signals)
                 status = metrics["status"]
-                if status == "completed" and run.recipe.eval.enabled:  # as `ib train` does (torchrun's child too)
-                    evaluate_run(run.run_dir)
+                evaluate_after_training(run.recipe, run.run_dir, metrics)  # as `ib train` does (torchrun's child too)
         rows[run.name] = _row(run)
         write_csv(sweep_dir / "sweep.csv", list(rows.values()), COLUMNS)
         if status != "completed":

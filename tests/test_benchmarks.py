@@ -93,10 +93,10 @@ def test_recorded_matmuls_are_the_counted_flops(precision):
     for the same MINE-IB step (no product missed or invented, e.g. the critic's split first layer)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ib.engine import train_step
     from ib.estimators import ESTIMATORS
     from ib.models.classifier import build_classifier
     from ib.models.critics import CRITICS
-    from ib.engine import train_step
 
     bench = _load("train_speed")
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_error_line, run_main
 
 import ib.engine.build
-from helpers import assert_one_error_line, run_main
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"

@@ -156,7 +156,6 @@ def test_separable_scores_are_a_matmul():
     torch.testing.assert_close(critic.scores(x, z), critic.g(x.flatten(1)) @ critic.h(z).T)
 
 
-
 @pytest.mark.parametrize("tiles", [1, 2, 3])
 def test_shared_first_layer_matches_autograd_through_the_concatenated_input(tiles):
     """The joint critic's first layer on pairs sharing x: values and every gradient against the plain Linear on

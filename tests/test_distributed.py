@@ -16,12 +16,12 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ib.data import BatchLoader, Split, random_crop_flip
+from ib.engine import evaluate, fit
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
 from ib.models.critics import CRITICS
 from ib.plane import information_plane
 from ib.recipe import load_recipe
-from ib.engine import evaluate, fit
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"
@@ -101,7 +101,6 @@ def _check_bounds(rank: int) -> None:
                 torch.testing.assert_close(b2, b1, msg=label)  # MINE's moving average: the global one
 
 
-
 def test_global_batch_bounds_and_gradients_match_one_process(tmp_path):
     _spawn(_check_bounds, tmp_path)
 
@@ -131,7 +130,6 @@ def _check_eval(rank: int) -> None:
     loader = BatchLoader(Split(x, y), 7, shuffle=False, drop_last=False)
     shard = BatchLoader(Split(x[rows], y[rows]), 7, shuffle=False, drop_last=False)
     assert evaluate(model, shard, samples=0, reduce=True) == pytest.approx(evaluate(model, loader, samples=0))
-
 
 
 def test_sharded_evaluation_and_plane_match_one_process(tmp_path):
@@ -173,7 +171,6 @@ def _check_step(rank: int) -> None:
         for p1, p2 in zip([*model.parameters(), *est.parameters()], [*copies[0].parameters(),
                                                                       *copies[1].parameters()]):
             torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-6, msg=f"fused={fused}")
-
 
 
 def test_ddp_training_steps_match_one_process_on_the_whole_batch(tmp_path):

@@ -10,11 +10,10 @@ import torch
 
 from ib.cli import main
 from ib.data import Split
-from ib.engine import load_run
+from ib.engine import fit, load_run
 from ib.evaluate import EvalWarning, evaluate_model
-from ib.robustness import THREATS, expected_calibration_error
 from ib.recipe import AttackName, load_recipe
-from ib.engine import fit
+from ib.robustness import THREATS, expected_calibration_error
 
 DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
 SMALL = ["epochs=3", "model.encoder.hidden=[128]", "mi.critic.hidden=[64]", "model.eval_samples=4"]
@@ -202,6 +201,8 @@ def test_eval_events_survive_a_training_resume_and_a_repeated_eval(tmp_path):
     (["--steps", "0"], "eval.steps: 0 is out of range"),
     (["eval.steps=0"], "eval.steps: 0 is out of range"),
     (["epochs=3"], "ib eval takes eval.* settings only"),
+    (["--eps="], "--eps: expected a comma-separated list"),
+    (["--sigmas", "0.1,"], "--sigmas: expected a comma-separated list"),
 ])
 def test_bad_arguments_exit_2_with_one_line(run_dir, capsys, args, message):
     assert main(["eval", str(run_dir), *args]) == 2

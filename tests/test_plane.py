@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from ib.cli import main
-from ib.errors import ConfigError
-from ib.plane import entropy, gaussian_kl, information_plane, to_units
-from ib.monitor import write_plane_plots
-from ib.recipe import load_recipe
 from ib.engine import build_run, fit
+from ib.errors import ConfigError
+from ib.monitor import write_plane_plots
+from ib.plane import entropy, gaussian_kl, information_plane, to_units
+from ib.recipe import load_recipe
 
 DIGITS = Path(__file__).parents[1] / "recipes" / "digits.yaml"
 SMALL = ["model.encoder.hidden=[64]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[64]", "beta_schedule.delay=0",
@@ -205,3 +205,20 @@ def test_a_vib_kl_run_is_labelled_as_the_kl_bound(tmp_path):
     metrics["estimator"] = None  # a run without an estimator names none, and still gets its figure
     (run / "metrics.json").write_text(json.dumps(metrics))
     assert write_plane_plots(run) == [run / "plane.png"]
+
+
+def test_ib_plane_reads_the_estimator_from_the_recipe_of_an_older_run(digits_run, tmp_path):
+    """A run folder whose metrics.json has no "estimator" entry: `ib plane` takes it from recipe.yaml."""
+    import json
+
+    from ib.cli import saved_estimator_labels
+
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics.pop("estimator") == {"name": "mine", "label": "MINE", "upper_bound": False}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert saved_estimator_labels(run) == {"label": "MINE", "upper_bound": False}
+    assert main(["plane", str(run)]) == 0 and (run / "plane.png").is_file()
+    (run / "recipe.yaml").write_text("not: [a recipe")
+    assert saved_estimator_labels(run) == {}

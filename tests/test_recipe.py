@@ -4,10 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ib.errors import ConfigError
 from ib.config import apply_overrides, parse_yaml
-from ib.recipe import (Recipe, dump_recipe, load_recipe, recipe_from_dict,
-                       recipe_to_dict)
+from ib.errors import ConfigError
+from ib.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict, recipe_to_dict
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_error_line, run_main, tensors
 
 import ib.checkpoint
 import ib.engine.build
 import ib.engine.loop
 from ib.checkpoint import load_checkpoint
-from helpers import assert_one_error_line, run_main, tensors
+from ib.engine import fit, train_step
 from ib.errors import CheckpointError
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
 from ib.models.critics import CRITICS, JointCritic
 from ib.recipe import load_recipe
-from ib.engine import fit, train_step
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "recipes" / "digits.yaml"

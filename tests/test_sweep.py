@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ib.cli import main
+from ib.cli import main, parse_list
 from ib.errors import ConfigError
-from ib.cli import parse_list
 from ib.monitor import read_csv
 from ib.sweep import SweepRun, plan_sweep, run_sweep, train_with_torchrun
 
@@ -112,8 +111,8 @@ def _history_lrs(run_dir):
 def test_unfinished_run_resumes_only_with_its_own_recipe(tmp_path):
     """An `ib train` run stopped after epoch 1 of 3 in the sweep folder: a sweep with another learning rate is
     refused before it trains; the same sweep with more epochs resumes the run with its saved recipe."""
-    from ib.recipe import load_recipe
     from ib.engine import fit
+    from ib.recipe import load_recipe
 
     sweep = tmp_path / "sweep"
     run_dir = sweep / "beta_0_seed_0"

@@ -47,8 +47,8 @@ def test_vib_kl_is_finite_for_extreme_codes_and_needs_a_gaussian_code():
 
 
 def test_vib_kl_trains_end_to_end_on_digits(tmp_path):
-    from ib.recipe import load_recipe
     from ib.engine import fit
+    from ib.recipe import load_recipe
 
     overrides = ["epochs=1", "mi.estimator=vib_kl", "model.encoder.hidden=[64]", "model.bottleneck.z_dim=8",
                  "beta_schedule.delay=0", "beta=1e-2", "model.eval_samples=2"]
@@ -68,8 +68,8 @@ def test_vib_kl_trains_end_to_end_on_digits(tmp_path):
 
 
 def test_vib_kl_rejects_a_deterministic_bottleneck_before_training(tmp_path):
-    from ib.recipe import load_recipe
     from ib.engine import fit
+    from ib.recipe import load_recipe
 
     recipe = load_recipe(DIGITS, ["epochs=1", "mi.estimator=vib_kl", "model.bottleneck=deterministic"])
     with pytest.raises(ConfigError, match="vib_kl needs a Gaussian encoder"):

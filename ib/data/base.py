@@ -80,8 +80,9 @@ def one_line(exc: BaseException) -> str:
 def download_with_torchvision(name: str, class_name: str, root: str, place: str, **kwargs: Any) -> None:
     """Let torchvision's data set class `class_name` download (and check) its files into `root`; `place` says
     where the files go by hand (e.g. "the four IDX files in data/MNIST/raw"), for the message when it fails."""
-    import torchvision.datasets
     from urllib.error import URLError
+
+    import torchvision.datasets
 
     logger.info("%s: downloading into %s", name, root)
     try:

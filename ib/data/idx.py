@@ -133,7 +133,6 @@ def _idx_split(images: Tensor, labels: Tensor, images_path: str, labels_path: st
     return Split(images.unsqueeze(1), labels.long())  # [N, 1, H, W] uint8, [N] int64
 
 
-
 @DATASETS.register("mnist")
 def _load_mnist(root: str, download: bool, image_size: Optional[int]) -> Tuple[Split, Split, List[str]]:
     """MNIST from IDX files in `root/MNIST/raw/` or `root/`: 60,000 train and 10,000 test images, 28x28."""

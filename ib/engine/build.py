@@ -109,6 +109,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> N
                 # fused kernels want each step counter as a float tensor on the parameter's device
                 st["step"] = st["step"].to(p.device, torch.float32)
 
+
 def build_replicas(model: IBClassifier, estimator: Optional[MIEstimator], device: torch.device) -> Replicas:
     ids = [device.index] if device.type == "cuda" else None
     critic = None
@@ -118,7 +119,6 @@ def build_replicas(model: IBClassifier, estimator: Optional[MIEstimator], device
                    else {"broadcast_buffers": False})  # the older torch name
         critic = DDP(estimator, device_ids=ids, **no_sync)
     return Replicas(forward=DDP(TrainForward(model), device_ids=ids), critic_loss=critic)
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,6 +136,11 @@ class Progress:
     epoch_seconds: List[float] = field(default_factory=list)
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0  # consecutive non-finite steps at the end of the last completed epoch
+
+    def count_faults(self) -> None:
+        """Add the epoch's non-finite steps (in `stats`) to the run's count, once its steps are done."""
+        self.nonfinite_steps += self.stats.nonfinite
+        self.nonfinite_in_a_row = self.stats.nonfinite_in_a_row
 
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step,
@@ -212,8 +217,6 @@ class Run:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"][:torch.cuda.device_count()])
         if self.proc.rank:  # rank 0 continues the saved stream; the others draw their own (codes, marginal pairs)
             _seed_process(self.recipe.seed * 1_000_003 + self.progress.step, self.proc)
-
-
 
 
 @contextlib.contextmanager
@@ -312,7 +315,6 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
     )
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # A trained model back from its checkpoint
 
@@ -343,14 +345,14 @@ class LoadedRun:
     epoch: int
 
 
-def load_run(path: str | Path, overrides: Sequence[str] = (), device: Optional[str] = None) -> LoadedRun:
+def load_run(path: str | Path, device: Optional[str] = None, *, overrides: Sequence[str] = ()) -> LoadedRun:
     """Rebuild the model of a checkpoint and load its weights (the global RNG untouched).
 
     Args:
         path: A run folder (its `best.pt` is read) or a checkpoint file.
+        device: Where to put the model (default: the recipe's `device`).
         overrides: `key.sub=value` settings applied to the saved recipe and checked like a recipe file's (`ib eval`
             passes `eval.*` ones).
-        device: Where to put the model (default: the recipe's `device`).
 
     Raises:
         CheckpointError: Missing, unreadable, or not matching its own recipe.

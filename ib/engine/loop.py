@@ -4,7 +4,7 @@
       train_epochs          the epoch loop: train, evaluate, write, until done, stopped or interrupted
         train_one_epoch     the steps of one epoch (`ib.engine.step.train_step`)
         train_summary       the epoch's training sums
-        evaluation_row      validation (test in the last epoch) and the information plane
+        add_evaluation      validation (test in the last epoch) and the information plane
         end_epoch           progress, best epoch
       finish                the final `metrics.json`
 """
@@ -152,8 +152,9 @@ def train_epochs(run: Run, folder: Optional[RunFolder], stop: "StopFlag",
             return "interrupted", last
         final = epoch == r.epochs or (stop_after is not None and epoch >= stop_after)
         test = final or bool(r.monitor.test_every and epoch % r.monitor.test_every == 0)
+        progress.count_faults()
         row = train_summary(run)
-        plane = evaluation_row(run, probe, row, epoch, started=t0, test=test, warned=warned)
+        plane = add_evaluation(row, run, probe, epoch, started=t0, test=test, warned=warned)
         improved = end_epoch(run, epoch, row)
         if folder is not None:
             folder.write_epoch(run, row, plane, improved)
@@ -208,19 +209,16 @@ def train_one_epoch(run: Run, loader: BatchLoader, stats: StepStats, *, step: in
 
 
 def train_summary(run: Run) -> Row:
-    """The epoch's row so far: beta, learning rate and the training sums (in `monitor.units`); the epoch's
-    non-finite steps are added to the run's count."""
+    """The epoch's row so far: beta, learning rate and the training sums (in `monitor.units`)."""
     progress, units = run.progress, run.recipe.monitor.units
     row = {"beta": run.beta_schedule.value(max(progress.step - 1, 0)), "lr": run.optimizer.param_groups[0]["lr"],
            **progress.stats.summary(run.estimator is not None)}
     if "mi/I_XZ_train" in row:  # in monitor.units, like every information quantity
         row["mi/I_XZ_train"] = to_units(row["mi/I_XZ_train"], units)
-    progress.nonfinite_steps += progress.stats.nonfinite
-    progress.nonfinite_in_a_row = progress.stats.nonfinite_in_a_row
     return row
 
 
-def evaluation_row(run: Run, probe: Split, row: Row, epoch: int, *, started: float, test: bool,
+def add_evaluation(row: Row, run: Run, probe: Split, epoch: int, *, started: float, test: bool,
                    warned: Set[Any]) -> Row:
     """Add to `row` the validation figures, the test split's when `test`, the information plane (in
     `monitor.units`) and the epoch's timings (from `started`); returns the plane's point in nats.
@@ -343,7 +341,6 @@ def _test_row(run: Run) -> Row:
     if samples:
         row["acc/test_sampled"] = test["acc_sampled"]
     return row
-
 
 
 def probe_set(run: Run) -> Split:

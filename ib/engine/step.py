@@ -105,8 +105,8 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every element of every tensor is finite, with one device sync for the lot.
 
     The plain sum of a tensor is NaN or inf when any element is (inf - inf is NaN), and a sum is one vectorised
-    pass, cheaper than a max-norm. A sum can also overflow when finite elements are beyond ~1e32: such a step counts as non-finite,
-    which for a gradient that large is the right call.
+    pass, cheaper than a max-norm. A sum can also overflow when finite elements are beyond ~1e32: such a step counts
+    as non-finite, which for a gradient that large is the right call.
     """
     if not tensors:
         return True

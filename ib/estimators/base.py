@@ -34,7 +34,7 @@ from ib.errors import ConfigError
 from ib.models.bottlenecks import Code
 from ib.registry import Registry
 
-ESTIMATORS = Registry("estimator")
+ESTIMATORS = Registry("estimator")  # MIEstimator subclasses: the trainer reads their class attributes
 
 EXP_CAP = 30.0  # e^30 ~ 1e13: beyond it e^u continues as a tangent line (see exp_capped)
 
@@ -72,7 +72,8 @@ class MIEstimator(nn.Module):
     """An estimator of I(X;Z): a training loss for its own parameters, a penalty for the encoder, an estimate.
 
     Class attributes (the defaults here are those of a critic-based lower bound):
-        label: What the estimate is called in logs and figures, e.g. "MINE"; every registered estimator sets it.
+        label: What the estimate is called in logs and figures, e.g. "MINE"; every estimator of the library sets it
+            (a test checks), and one that does not is named by nothing.
         upper_bound: Whether the estimate is an upper bound on I(X;Z) (vib_kl's KL) rather than a lower bound
             (the critics' bounds).
         needs_critic: Whether the library builds a critic and passes it as the first argument; if False (vib_kl)
@@ -83,7 +84,7 @@ class MIEstimator(nn.Module):
             encoder's penalty is a DV bound, and for vib_kl, which trains nothing.
     """
 
-    label: ClassVar[str]
+    label: ClassVar[str] = ""
     upper_bound: ClassVar[bool] = False
     needs_critic: ClassVar[bool] = True
     loss_is_minus_penalty: ClassVar[bool] = True

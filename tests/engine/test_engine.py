@@ -7,19 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import tensors
+
+import ib.engine.loop
+import ib.engine.step
 from ib.cli import main
+from ib.engine import autocast, build_run, critic_step, fit, train_step
+from ib.engine.build import load_optimizer
 from ib.errors import ConfigError
 from ib.estimators import ESTIMATORS
 from ib.models.classifier import build_classifier
 from ib.models.critics import CRITICS
 from ib.objectives import ib_objective
 from ib.recipe import load_recipe
-import ib.engine.loop
-import ib.engine.step
-from ib.engine import autocast, build_run, critic_step, fit, train_step
-from ib.engine.build import load_optimizer
 
 DIGITS = Path(__file__).parents[2] / "recipes" / "digits.yaml"
 SMALL = ["model.encoder.hidden=[64]", "model.bottleneck.z_dim=8", "mi.critic.hidden=[64]", "beta_schedule.delay=0",
@@ -231,7 +231,6 @@ def test_a_warning_from_the_plane_is_logged_once_per_run(monkeypatch, tmp_path, 
     """InfoNCE's ceiling warning comes from every epoch's estimate; the run log says it once."""
     import warnings
 
-
     real = ib.engine.loop.information_plane
 
     def warning_plane(*args, **kwargs):
@@ -271,8 +270,8 @@ def test_a_run_stopped_after_its_last_checkpoint_reports_the_test_split_when_com
 
 
 def test_build_optimizer_takes_generators_and_groups_and_resume_keeps_fused_adam():
-    from ib.recipe import OptimConfig
     from ib.engine.build import build_optimizer, load_optimizer
+    from ib.recipe import OptimConfig
 
     model = torch.nn.Linear(3, 2)
     opt = build_optimizer(OptimConfig(name="adam"), model.parameters())  # a generator
