@@ -256,19 +256,39 @@ def _as_yaml(value: Any) -> Any:
     return [_as_yaml(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def build_dataclass(cls: type, raw: Any, registries: Registries, key: str = "") -> Any:
-    """Build dataclass `cls` from a nested mapping, checking every key, type and bound; `registries` gives the
-    registries that components and registry names are checked against."""
+def _section(cls: type, raw: Any, key: str) -> Tuple[Dict[str, Any], Dict[str, dataclasses.Field], Dict[str, Any]]:
+    """(the section's settings, its fields, their annotations), once its keys are checked against its fields."""
     where = key or "recipe"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of settings, got {show(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
     for k in raw:
         if k not in fields:
             raise ConfigError(f"{where}: unknown key '{k}'; valid: {', '.join(sorted(fields))}")
+    return raw, fields, typing.get_type_hints(cls)
+
+
+def check_settings(cls: type, raw: Any, key: str = "") -> None:
+    """The checks of `build_dataclass` that need no registry: the keys of every section, and the type and bounds of
+    every setting that is not a registry entry or name. Run first, they report such a mistake before a registry
+    (and the library behind it, torch) is loaded."""
+    raw, fields, hints = _section(cls, raw, key)
+    for name, value in raw.items():
+        sub, tp = f"{key}.{name}" if key else name, hints[name]
+        if tp is Component:
+            continue
+        if dataclasses.is_dataclass(tp):
+            check_settings(tp, value, sub)
+        else:
+            _check_bounds(check_value(value, tp, sub), fields[name].metadata, sub)
+
+
+def build_dataclass(cls: type, raw: Any, registries: Registries, key: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, checking every key, type and bound; `registries` gives the
+    registries that components and registry names are checked against."""
+    raw, fields, hints = _section(cls, raw, key)
     kwargs: Dict[str, Any] = {}
     regs: Dict[str, Registry] | None = None
     for name, f in fields.items():

@@ -30,16 +30,8 @@ from ib.errors import ConfigError
 from ib.modes import evaluating, seeded
 from ib.monitor import write_eval_outputs
 from ib.recipe import AttackName, Recipe, check_attacks, check_radii
-from ib.robustness import (
-    LINF_PGD,
-    THREATS,
-    Variant,
-    clean_metrics,
-    derive_seed,
-    headline_robust_accuracy,
-    is_correct,
-    robustness_sweep,
-)
+from ib.robustness import (LINF_PGD, THREATS, Variant, clean_metrics, derive_seed, headline_robust_accuracy, is_correct,
+                           robustness_sweep)
 
 log = logging.getLogger(__name__)
 

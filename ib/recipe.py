@@ -17,17 +17,8 @@ from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import yaml
 
-from ib.config import (
-    Component,
-    FieldError,
-    apply_overrides,
-    build_dataclass,
-    component,
-    parse_yaml,
-    setting,
-    show,
-    to_plain,
-)
+from ib.config import (Component, FieldError, apply_overrides, build_dataclass, check_settings, component, parse_yaml,
+                       setting, show, to_plain)
 from ib.errors import ConfigError
 from ib.registry import Registry
 
@@ -226,7 +217,9 @@ def registries() -> Dict[str, Registry]:
 def recipe_from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of settings, got {show(raw)}")
-    return build_dataclass(Recipe, apply_overrides(raw, overrides), registries)
+    raw = apply_overrides(raw, overrides)
+    check_settings(Recipe, raw)  # the plain settings first: their mistakes are reported before torch loads
+    return build_dataclass(Recipe, raw, registries)
 
 
 def read_recipe_file(path: str | Path) -> Dict[str, Any]:

@@ -179,3 +179,20 @@ def test_override_into_a_value_is_rejected():
 
 def test_recipe_defaults_are_valid():
     assert isinstance(recipe_from_dict({}), Recipe)
+
+
+@pytest.mark.parametrize("override, message", [("optimizer.lr=-1", "optimizer.lr: -1.0 is out of range"),
+                                               ("data.batch_sise=3", "data: unknown key 'batch_sise'"),
+                                               ("data.name=emnist", "data.name: unknown data set 'emnist'")])
+def test_a_plain_mistake_is_reported_before_torch_loads(override, message):
+    """Keys, types and bounds are checked before any registry (and torch behind it) is imported; a registry name
+    needs its registry."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    code = ("import sys; from ib.cli import main; status = main(['train', 'recipes/digits.yaml', %r]); "
+            "print(status, 'torch' in sys.modules)" % override)
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert message in done.stderr
+    assert done.stdout.split() == ["2", str(override.startswith("data.name"))]
