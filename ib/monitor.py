@@ -89,8 +89,8 @@ def _number(value: Any) -> float:
 
 def plane_point(epoch: int, row: Mapping[str, Any]) -> Dict[str, float]:
     """The information-plane point of an epoch's row (or of its `history.csv` line)."""
-    return {"epoch": epoch, "I_XZ": _number(row.get("mi/I_XZ")), "I_XZ_upper": _number(row.get("mi/I_XZ_upper")),
-            "I_ZY": _number(row.get("mi/I_ZY"))}
+    keys = ("I_XZ", "I_XZ_upper", "I_ZY", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper", "I_XZ_ceiling")
+    return {"epoch": epoch, **{k: _number(row.get(f"mi/{k}")) for k in keys}}
 
 
 def history_points(run_dir: str | Path, up_to: Optional[int] = None) -> List[Dict[str, float]]:
@@ -129,8 +129,7 @@ class CSVHistory:
 
 class TensorBoardLogger:
     """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
-    I(X;Z) inside its band (a critic's lower estimate to the KL upper bound; an estimate that is itself the upper
-    bound is drawn alone), and the information-plane trajectory as a figure each epoch.
+    the I(X;Z) estimate with the pairwise band, and the information-plane trajectory as a figure each epoch.
 
     Args:
         run_dir: the run folder (TensorBoard's log dir).
@@ -140,21 +139,20 @@ class TensorBoardLogger:
         units: of the information quantities, for titles.
         plane_figure: draw the plane's trajectory each epoch.
         xz_name: what `mi/I_XZ` is ("MINE", "KL upper bound", ...; "" without an estimator), for titles.
-        upper_bound: whether `mi/I_XZ` is the KL upper bound itself (no band to draw).
     """
 
     def __init__(self, run_dir: str | Path, resume_epoch: int = 0, *, units: str = "nats",
-                 plane_figure: bool = True, xz_name: str = "", upper_bound: bool = False) -> None:
+                 plane_figure: bool = True, xz_name: str = "") -> None:
         from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard's writer only where one is made
 
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_epoch + 1 if resume_epoch else None)
-        self.units, self.xz_name, self.upper_bound = units, xz_name, upper_bound
+        self.units, self.xz_name = units, xz_name
         self.plane_figure = plane_figure
         self.points: List[Dict[str, float]] = []
         if resume_epoch and (Path(run_dir) / "history.csv").exists():
             self.points = history_points(run_dir, up_to=resume_epoch)
         if not resume_epoch:
-            self.writer.add_custom_scalars(information_layout(units, xz_name, upper_bound))
+            self.writer.add_custom_scalars(information_layout(units, xz_name))
 
     def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
         for tag, value in row.items():
@@ -164,7 +162,7 @@ class TensorBoardLogger:
         if self.plane_figure:
             from ib.plots import plane_figure
 
-            figure = plane_figure(self.points, self.units, xz_name=self.xz_name, upper_bound=self.upper_bound)
+            figure = plane_figure(self.points, self.units, xz_name=self.xz_name)
             self.writer.add_figure("mi/information_plane", figure, epoch)
         self.writer.flush()
 
@@ -172,24 +170,23 @@ class TensorBoardLogger:
         self.writer.close()
 
 
-def information_layout(units: str, xz_name: str = "MINE", upper_bound: bool = False) -> Dict[str, Any]:
-    """TensorBoard custom-scalars layout. I(X;Z): a margin chart of the estimate inside [estimate, KL upper bound]
-    for a critic's lower bound; one line when the estimate is the KL upper bound itself (`upper_bound`).
+def information_layout(units: str, xz_name: str = "MINE") -> Dict[str, Any]:
+    """TensorBoard custom-scalars layout. I(X;Z): a margin chart of the estimate with the pairwise band (Gaussian
+    encoders: Bhattacharyya to KL, where the probe's I(X;Z) lies), VIB's KL bound against N(0, I) on a chart of its
+    own, I(Z;Y) with H(Y), and the accuracies.
 
     Args:
         units: "nats" or "bits", for the chart titles.
         xz_name: what `mi/I_XZ` is, for the chart titles ("" without an estimator).
-        upper_bound: whether `mi/I_XZ` is the KL upper bound itself.
     """
-    if upper_bound:
-        xz = {f"I(X;Z) [{units}]: {xz_name}": ["Multiline", ["mi/I_XZ"]]}
-    else:
-        what = xz_name or "critic"
-        band = f"{what} estimate within [{what}, KL upper bound]"
-        xz = {f"I(X;Z) [{units}]: {band}": ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]}
+    what = xz_name or "no"
     return {
         "information plane": {
-            **xz,
+            f"I(X;Z) [{units}]: {what} estimate and the pairwise band": [
+                "Margin", ["mi/I_XZ", "mi/I_XZ_pairwise_lower", "mi/I_XZ_pairwise_upper"]],
+            f"I(X;Z) [{units}]: the pairwise band and its ceiling log N": [
+                "Multiline", ["mi/I_XZ_pairwise_lower", "mi/I_XZ_pairwise_upper", "mi/I_XZ_ceiling"]],
+            f"I(X;Z) [{units}]: VIB's KL bound against N(0, I)": ["Multiline", ["mi/I_XZ_upper"]],
             f"I(Z;Y) [{units}] and H(Y)": ["Multiline", ["mi/I_ZY", "mi/H_Y"]],
             "accuracy": ["Multiline", ["acc/train", "acc/val", "acc/test"]],
         }
@@ -252,8 +249,7 @@ def write_plane_plots(folder: str | Path,
             estimator = labels_of(folder) if labels_of is not None else {}
         path = folder / "plane.png"
         figure = plane_figure(history_points(folder), metrics.get("units", "nats"), title=folder.name,
-                              xz_name=str(estimator.get("label", "")),
-                              upper_bound=bool(estimator.get("upper_bound", False)))
+                              xz_name=str(estimator.get("label", "")))
         figure.savefig(str(path))
         return [path]
     raise ConfigError(f"{folder} holds neither a run (history.csv) nor a sweep (sweep.csv)")

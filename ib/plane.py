@@ -2,10 +2,14 @@
 
 Per point (one encoder pass over the probe set, z sampled from p(z|x)):
   1. I(X;Z): the critic's Donsker-Varadhan bound (a lower bound up to sampling error);
-  2. I(X;Z) upper: E_x KL(p(z|x) || N(0, I)) for Gaussian encoders, the variational upper bound of VIB, so the
-     true value lies in a band rather than at one noisy number;
-  3. I(Z;Y): the decoder's variational lower bound H(Y) - E[-log q(y|z)], with H(Y) from the probe set's label
-     frequencies; it can never exceed H(Y).
+  2. I(X;Z) pairwise band, for Gaussian encoders: with X uniform over the probe's N inputs, the pairwise-distance
+     bounds of Kolchinsky & Tracey (`ib.estimators.pairwise`), Bhattacharyya below and KL above, both at most
+     log N (`I_XZ_ceiling`): the true I(X;Z) of the probe lies in this band;
+  3. I(X;Z) upper: E_x KL(p(z|x) || N(0, I)), the variational upper bound of VIB (against a fixed prior, so much
+     looser than the pairwise KL bound);
+  4. I(Z;Y): the decoder's variational lower bound H(Y) - E[-log q(y|z)], with H(Y) from the probe set's label
+     frequencies; it can never exceed H(Y), and by the data-processing inequality (Y -> X -> Z) never I(X;Z).
+Encoders without a closed-form p(z|x) (additive, propagated) have no pairwise band: only the critic's estimate.
 All values are computed in nats; `to_units` converts for display (bits = nats / ln 2).
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import Tensor
 
 from ib import distributed
 from ib.estimators import MIEstimator, gaussian_kl
+from ib.estimators.pairwise import pairwise_bound
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier
 from ib.modes import evaluating
@@ -55,8 +60,9 @@ def information_plane(
     over the whole set (sums added over the processes; the estimator, in `sync` mode, pairs codes across them).
 
     Returns:
-        {"I_XZ": DV bound (NaN without an estimator), "I_XZ_upper": KL bound (NaN unless Gaussian),
-         "I_ZY": H(Y) - CE, "H_Y": H(Y)}
+        {"I_ZY": H(Y) - CE, "H_Y": H(Y), "I_XZ": DV bound (NaN without an estimator), "I_XZ_upper": VIB's KL bound,
+         "I_XZ_pairwise_upper", "I_XZ_pairwise_lower": the pairwise band, "I_XZ_ceiling": log N (the last four NaN
+         unless the encoder is Gaussian)}
     """
     device = x.device
     with evaluating(model, estimator, seed=seed, device=device), torch.inference_mode():
@@ -74,8 +80,16 @@ def information_plane(
         n = int(counts.sum())
         h_y = entropy(counts)
         out = {"I_ZY": h_y - float(ce) / max(n, 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
+        out.update({"I_XZ_pairwise_upper": math.nan, "I_XZ_pairwise_lower": math.nan, "I_XZ_ceiling": math.nan})
         if code.std is not None:
             out["I_XZ_upper"] = float(kl) / max(n, 1)
+            if n >= 2:
+                mean, std = code.mean, code.std
+                if reduce:  # the band is of the whole probe set: every process's codes
+                    mean, std = distributed.gather(mean)[0], distributed.gather(std)[0]
+                out["I_XZ_pairwise_upper"] = pairwise_bound(mean, std, "kl")
+                out["I_XZ_pairwise_lower"] = pairwise_bound(mean, std, "bhattacharyya")
+                out["I_XZ_ceiling"] = math.log(n)
         if estimator is not None and n >= 2:
             g = torch.Generator().manual_seed(seed)
             out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,

@@ -8,7 +8,7 @@ user's backend.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -23,35 +23,57 @@ def xz_label(units: str, xz_name: str) -> str:
     return f"I(X;Z) [{units}] ({xz_name + ', ' if xz_name else ''}held-out)"
 
 
+def _impossible_region(ax: Any, xmax: float) -> None:
+    """Shade I(X;Z) < I(Z;Y), which the data-processing inequality (Y -> X -> Z) rules out."""
+    ax.fill_between([0.0, xmax], [0.0, xmax], [xmax, xmax], color="tab:red", alpha=0.06, lw=0, zorder=0,
+                    label="impossible: I(X;Z) < I(Z;Y)")
+
+
+def _band(lower: Any, upper: Any, zy: float) -> Optional[tuple[float, float]]:
+    """The pairwise band of a point, its lower end raised to the data-processing floor I(Z;Y); None without one."""
+    if not (_finite(lower) and _finite(upper)):
+        return None
+    return max(float(lower), zy), max(float(upper), zy)
+
+
 def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", title: str = "", *,
-                 xz_name: str = "", upper_bound: bool = False) -> Figure:
-    """I(X;Z) on x, I(Z;Y) on y, one point per epoch, coloured by epoch; the KL upper bound as a band to the right.
+                 xz_name: str = "") -> Figure:
+    """The information plane: I(X;Z) on x, I(Z;Y) on y, one row per epoch, coloured by epoch.
+
+    Drawn: the pairwise band of a Gaussian encoder (a segment at the epoch's I(Z;Y), from the Bhattacharyya bound,
+    raised to the data-processing floor I(Z;Y), to the KL bound: where the probe's I(X;Z) lies), the estimate
+    "I_XZ" as it is (so that one sees when it leaves the band), the probe's ceiling log N, and the region the
+    data-processing inequality rules out.
 
     Args:
-        points: rows with "epoch", "I_XZ", "I_ZY" and optionally "I_XZ_upper" (in `units`).
+        points: rows with "epoch", "I_ZY", and any of "I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper",
+            "I_XZ_ceiling" (in `units`).
         xz_name: what "I_XZ" is ("MINE", "KL upper bound", ...; "" names nothing), for the x axis.
-        upper_bound: "I_XZ" is the KL upper bound itself: no band is drawn.
     """
     fig = Figure(figsize=(5.5, 4.2), dpi=100)
     ax = fig.add_subplot()
-    pts = [p for p in points if _finite(p.get("I_XZ")) and _finite(p.get("I_ZY"))]
-    if pts:
-        xs, ys, ep = [p["I_XZ"] for p in pts], [p["I_ZY"] for p in pts], [p["epoch"] for p in pts]
-        upper = [] if upper_bound else [p.get("I_XZ_upper") for p in pts]
-        span = max(max(xs) - min(xs), 1e-3)
-        if upper and all(_finite(u) for u in upper):
-            # The KL bound of a nearly deterministic code is far to the right: draw the band up to the edge of the
-            # estimates' range and say where it ends.
-            right = max(xs) + span
-            for x, y, u in zip(xs, ys, upper):
-                ax.plot([x, min(u, right)], [y, y], color="0.8", lw=1, zorder=1)
-            ax.plot([], [], color="0.8", lw=1, label=f"to the KL upper bound (last: {upper[-1]:.3g})")
-            ax.set_xlim(min(xs) - 0.1 * span, max(min(max(upper), right), max(xs)) + 0.1 * span)
-        ax.plot(xs, ys, color="0.5", lw=0.8, zorder=2)
-        sc = ax.scatter(xs, ys, c=ep, cmap="viridis", s=22, zorder=3)
-        fig.colorbar(sc, ax=ax, label="epoch")
-        if any(_finite(u) for u in upper):
-            ax.legend(loc="lower right", fontsize=8)
+    pts = [p for p in points if _finite(p.get("I_ZY"))]
+    bands = [(p, _band(p.get("I_XZ_pairwise_lower"), p.get("I_XZ_pairwise_upper"), p["I_ZY"])) for p in pts]
+    estimates = [p for p in pts if _finite(p.get("I_XZ"))]
+    if estimates or any(b for _, b in bands):
+        xs = [p["I_XZ"] for p in estimates] + [x for _, b in bands if b for x in b] + [p["I_ZY"] for p in pts]
+        ceiling = [p["I_XZ_ceiling"] for p in pts if _finite(p.get("I_XZ_ceiling"))]
+        xmax = max(xs + ceiling[-1:]) * 1.05 + 1e-3
+        _impossible_region(ax, xmax)
+        for (p, b), first in zip(bands, [True] + [False] * len(bands)):
+            if b:
+                ax.plot(b, [p["I_ZY"]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9, zorder=1,
+                        label="pairwise band (Bhattacharyya to KL)" if first else None)
+        if ceiling:
+            ax.axvline(ceiling[-1], color="0.4", ls="--", lw=0.8, label=f"ceiling log N = {ceiling[-1]:.3g}")
+        if estimates:
+            ex, ey, ep = [p["I_XZ"] for p in estimates], [p["I_ZY"] for p in estimates], [p["epoch"] for p in estimates]
+            ax.plot(ex, ey, color="0.5", lw=0.8, zorder=2)
+            sc = ax.scatter(ex, ey, c=ep, cmap="viridis", s=22, zorder=3, label=xz_name or "estimate")
+            fig.colorbar(sc, ax=ax, label="epoch")
+        ax.set_xlim(0.0, xmax)
+        ax.set_ylim(0.0, max(p["I_ZY"] for p in pts) * 1.15 + 1e-3)
+        ax.legend(loc="lower right", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no I(X;Z) estimate in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(xz_label(units, xz_name))
@@ -76,21 +98,38 @@ def _mean_std(values: List[float]) -> tuple[float, float]:
 
 
 def ib_curve_figure(rows: Sequence[Mapping[str, float]], units: str = "nats") -> Figure:
-    """Final I(X;Z) against I(Z;Y), one point per beta (mean over seeds, error bars = std over seeds)."""
+    """Final I(X;Z) against I(Z;Y), one point per beta (mean over seeds, error bars = std over seeds), with each
+    beta's mean pairwise band (raised to the data-processing floor) where the runs have one, and the region that
+    the data-processing inequality rules out."""
     fig = Figure(figsize=(5.5, 4.2), dpi=100)
     ax = fig.add_subplot()
     xz, zy = _by_beta(rows, "I_XZ"), _by_beta(rows, "I_ZY")
-    betas = sorted(set(xz) & set(zy))
-    for b in betas:
-        (mx, sx), (my, sy) = _mean_std(xz[b]), _mean_std(zy[b])
-        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", capsize=3)
-        ax.annotate(f"β={b:g}", (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    lower, upper = _by_beta(rows, "I_XZ_pairwise_lower"), _by_beta(rows, "I_XZ_pairwise_upper")
+    betas = sorted(set(zy) & (set(xz) | (set(lower) & set(upper))))
+    bands = {b: _band(_mean_std(lower[b])[0], _mean_std(upper[b])[0], _mean_std(zy[b])[0])
+             for b in betas if b in lower and b in upper}
+    xs = [_mean_std(xz[b])[0] + _mean_std(xz[b])[1] for b in betas if b in xz] + [x for v in bands.values() for x in v]
     if betas:
-        ax.plot([_mean_std(xz[b])[0] for b in betas], [_mean_std(zy[b])[0] for b in betas], color="0.6", lw=0.8)
-    ax.set_xlabel(f"I(X;Z) [{units}]")
+        _impossible_region(ax, max(xs + [_mean_std(zy[b])[0] for b in betas]) * 1.05 + 1e-3)
+    for i, (b, band) in enumerate(sorted(bands.items())):
+        ax.plot(band, [_mean_std(zy[b])[0]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9,
+                label="pairwise band (Bhattacharyya to KL)" if i == 0 else None)
+    for b in betas:
+        my, sy = _mean_std(zy[b])
+        mx, sx = _mean_std(xz[b]) if b in xz else (bands[b][1], 0.0)
+        if b in xz:
+            ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", capsize=3)
+        ax.annotate(f"β={b:g}", (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    with_estimate = [b for b in betas if b in xz]
+    if with_estimate:
+        ax.plot([_mean_std(xz[b])[0] for b in with_estimate], [_mean_std(zy[b])[0] for b in with_estimate],
+                color="0.6", lw=0.8)
+    ax.set_xlabel(f"I(X;Z) [{units}] (points: the runs' estimate)")
     ax.set_ylabel(f"I(Z;Y) [{units}]")
     ax.set_title("IB curve (final epoch; error bars: std over seeds)")
     ax.grid(alpha=0.3)
+    if betas:
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return fig
 

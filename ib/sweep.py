@@ -29,7 +29,8 @@ from ib.recipe import Recipe, read_recipe_file, recipe_from_dict, recipe_to_dict
 log = logging.getLogger(__name__)
 
 COLUMNS = ["run", "beta", "seed", "status", "test_accuracy", "val_accuracy", "units", "I_XZ", "I_XZ_upper", "I_ZY",
-           "H_Y", "I_XZ_nats", "epochs", "train_seconds", "robust_accuracy"]
+           "H_Y", "I_XZ_nats", "epochs", "train_seconds", "robust_accuracy", "I_XZ_pairwise_lower",
+           "I_XZ_pairwise_upper", "I_XZ_ceiling"]
 
 
 def run_name(beta: float, seed: int) -> str:

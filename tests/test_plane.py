@@ -11,6 +11,7 @@ from ib.cli import main
 from ib.engine import build_run, fit
 from ib.errors import ConfigError
 from ib.monitor import write_plane_plots
+from ib.estimators.pairwise import pairwise_bound
 from ib.plane import entropy, gaussian_kl, information_plane, to_units
 from ib.recipe import load_recipe
 
@@ -56,13 +57,17 @@ def test_plane_terms_match_a_hand_computation():
         ce = sum(F.cross_entropy(model.decode(c.z), y[s:s + 25], reduction="sum").item()
                  for c, s in zip(codes, range(0, 60, 25)))
         z = torch.cat([c.z for c in codes])
-        kl = gaussian_kl(torch.cat([c.mean for c in codes]), torch.cat([c.std for c in codes])).double().mean()
+        mean, std = torch.cat([c.mean for c in codes]), torch.cat([c.std for c in codes])
+        kl = gaussian_kl(mean, std).double().mean()
         ixz = estimator.estimate(x, z, permutations=3, generator=torch.Generator().manual_seed(5), batch_size=25)
     h_y = -(0.5 * math.log(0.5) + 1 / 3 * math.log(1 / 3) + 1 / 6 * math.log(1 / 6))
     assert out["H_Y"] == pytest.approx(h_y)
     assert out["I_ZY"] == pytest.approx(h_y - ce / 60, rel=1e-5)
     assert out["I_XZ_upper"] == pytest.approx(float(kl), rel=1e-5)
     assert out["I_XZ"] == pytest.approx(ixz, rel=1e-5)
+    assert out["I_XZ_pairwise_upper"] == pairwise_bound(mean, std, "kl")  # the band of the same codes
+    assert out["I_XZ_pairwise_lower"] == pairwise_bound(mean, std, "bhattacharyya")
+    assert 0.0 <= out["I_XZ_pairwise_lower"] <= out["I_XZ_pairwise_upper"] <= out["I_XZ_ceiling"] == math.log(60)
 
 
 def test_plane_point_bounds_on_a_trained_model(tmp_path):
@@ -70,8 +75,15 @@ def test_plane_point_bounds_on_a_trained_model(tmp_path):
     fit(recipe, tmp_path / "run")
     rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
     last = rows[-1]
-    # The KL upper bound must not sit below the MINE lower estimate (the gap is what a user reads as uncertainty).
+    # The KL upper bounds must not sit below the MINE lower estimate (the gap is what a user reads as uncertainty).
     assert float(last["mi/I_XZ_upper"]) >= float(last["mi/I_XZ"])
+    assert float(last["mi/I_XZ_pairwise_upper"]) >= float(last["mi/I_XZ"])
+    # The band of the probe (the 143 validation digits) is at most log 143, and never below the data-processing
+    # floor I(Z;Y) once raised to it; the lower end of a nearly deterministic code sits at the ceiling.
+    lower, upper = float(last["mi/I_XZ_pairwise_lower"]), float(last["mi/I_XZ_pairwise_upper"])
+    assert lower <= upper <= float(last["mi/I_XZ_ceiling"]) + 1e-9 and float(last["mi/I_XZ_ceiling"]) == \
+        pytest.approx(math.log(143))
+    assert upper >= float(last["mi/I_ZY"])
     assert float(last["mi/I_ZY"]) > 1.0  # a trained digits decoder recovers most of H(Y) = ln 10 ~ 2.3
 
 
@@ -84,7 +96,8 @@ def test_information_plane_restores_modes_and_rng():
     a = information_plane(run.model, run.estimator, x, y, permutations=2, seed=3)
     b = information_plane(run.model, run.estimator, x, y, permutations=2, seed=3)
     assert a == b and run.model.training and torch.equal(state, torch.get_rng_state())
-    assert set(a) == {"I_XZ", "I_XZ_upper", "I_ZY", "H_Y"}
+    assert set(a) == {"I_XZ", "I_XZ_upper", "I_ZY", "H_Y", "I_XZ_pairwise_upper", "I_XZ_pairwise_lower",
+                      "I_XZ_ceiling"}
 
 
 def test_bits_everywhere(tmp_path):
@@ -115,7 +128,8 @@ def test_event_files_hold_scalars_figure_and_layout(digits_run):
     layout.ParseFromString(layout_events[0].tensor_proto.string_val[0])
     charts = {c.title: c for cat in layout.category for c in cat.chart}
     margin = next(c for t, c in charts.items() if t.startswith("I(X;Z)"))
-    assert margin.margin.series[0].value == "mi/I_XZ" and margin.margin.series[0].upper == "mi/I_XZ_upper"
+    series = margin.margin.series[0]
+    assert (series.value, series.lower, series.upper) == ("mi/I_XZ", "mi/I_XZ_pairwise_lower", "mi/I_XZ_pairwise_upper")
 
 
 def test_ib_plane_writes_pngs(tmp_path, digits_run):
@@ -128,36 +142,50 @@ def test_ib_plane_writes_pngs(tmp_path, digits_run):
     assert main(["plane", str(tmp_path)]) == 2
 
 
-POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_upper": 4.0, "I_ZY": 1.5},
-          {"epoch": 2, "I_XZ": 1.2, "I_XZ_upper": 4.5, "I_ZY": 1.8}]
+POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_upper": 40.0, "I_ZY": 1.5, "I_XZ_pairwise_lower": 1.2,
+           "I_XZ_pairwise_upper": 3.0, "I_XZ_ceiling": 4.0},
+          {"epoch": 2, "I_XZ": 1.2, "I_XZ_upper": 45.0, "I_ZY": 1.8, "I_XZ_pairwise_lower": 1.0,
+           "I_XZ_pairwise_upper": 2.5, "I_XZ_ceiling": 4.0}]
 
 
-def _labels(estimator):
-    """What the figures are told of an estimator (its class's `label` and `upper_bound`); None: no estimator."""
+def _label(estimator):
+    """What the figures are told of an estimator: its class's `label`; None: no estimator."""
     from ib.estimators import ESTIMATORS
 
-    if estimator is None:
-        return {"xz_name": "", "upper_bound": False}
-    cls = ESTIMATORS.get(estimator)
-    return {"xz_name": cls.label, "upper_bound": cls.upper_bound}
+    return ESTIMATORS.get(estimator).label if estimator else ""
 
 
-@pytest.mark.parametrize("estimator,label,band", [
-    ("mine", "I(X;Z) [nats] (MINE, held-out)", True),
-    ("mine_f", "I(X;Z) [nats] (MINE-f, held-out)", True),
-    ("infonce", "I(X;Z) [nats] (InfoNCE, held-out)", True),
-    ("smile", "I(X;Z) [nats] (SMILE, held-out)", True),
-    ("jsd", "I(X;Z) [nats] (JSD, held-out)", True),
-    ("vib_kl", "I(X;Z) [nats] (KL upper bound, held-out)", False),  # I_XZ is the bound: no band to it
-    (None, "I(X;Z) [nats] (held-out)", True),
+@pytest.mark.parametrize("estimator,label", [
+    ("mine", "I(X;Z) [nats] (MINE, held-out)"),
+    ("mine_f", "I(X;Z) [nats] (MINE-f, held-out)"),
+    ("infonce", "I(X;Z) [nats] (InfoNCE, held-out)"),
+    ("smile", "I(X;Z) [nats] (SMILE, held-out)"),
+    ("jsd", "I(X;Z) [nats] (JSD, held-out)"),
+    ("vib_kl", "I(X;Z) [nats] (KL upper bound, held-out)"),
+    (None, "I(X;Z) [nats] (held-out)"),
 ])
-def test_plane_figure_names_the_estimator(estimator, label, band):
+def test_plane_figure_names_the_estimator(estimator, label):
     from ib.plots import plane_figure
 
-    ax = plane_figure(POINTS, "nats", **_labels(estimator)).axes[0]
+    ax = plane_figure(POINTS, "nats", xz_name=_label(estimator)).axes[0]
     assert ax.get_xlabel() == label
-    band_lines = [line for line in ax.lines if line.get_color() == "0.8"]
-    assert bool(band_lines) == band and (ax.get_legend() is not None) == band
+
+
+def test_plane_figure_draws_the_band_from_the_data_processing_floor():
+    """Each epoch's band runs from max(Bhattacharyya bound, I(Z;Y)) to the KL bound at its I(Z;Y); the estimate is
+    drawn as it is; the ceiling log N is a dashed line; points without a band draw none."""
+    from ib.plots import plane_figure
+
+    ax = plane_figure(POINTS, "nats", xz_name="MINE").axes[0]
+    bands = [line for line in ax.lines if line.get_marker() == "|"]
+    assert [list(line.get_xdata()) for line in bands] == [[1.5, 3.0], [1.8, 2.5]]  # lower ends raised to I(Z;Y)
+    assert [list(line.get_ydata()) for line in bands] == [[1.5, 1.5], [1.8, 1.8]]
+    assert any(line.get_linestyle() == "--" and list(line.get_xdata()) == [4.0, 4.0] for line in ax.lines)
+    labels = ax.get_legend_handles_labels()[1]
+    assert "MINE" in labels and any(t.startswith("impossible") for t in labels)
+    bare = [{k: p[k] for k in ("epoch", "I_XZ", "I_ZY")} for p in POINTS]  # an additive encoder: no band
+    ax = plane_figure(bare, "nats", xz_name="MINE").axes[0]
+    assert not [line for line in ax.lines if line.get_marker() == "|"]
 
 
 def test_every_estimator_declares_its_label_and_bound():
@@ -169,18 +197,17 @@ def test_every_estimator_declares_its_label_and_bound():
         assert cls.upper_bound == (name == "vib_kl"), name  # the critics' bounds are lower bounds
 
 
-@pytest.mark.parametrize("estimator,title,chart", [
-    ("mine", "I(X;Z) [bits]: MINE estimate within [MINE, KL upper bound]",
-     ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]),
-    ("infonce", "I(X;Z) [bits]: InfoNCE estimate within [InfoNCE, KL upper bound]",
-     ["Margin", ["mi/I_XZ", "mi/I_XZ", "mi/I_XZ_upper"]]),
-    ("vib_kl", "I(X;Z) [bits]: KL upper bound", ["Multiline", ["mi/I_XZ"]]),  # the bound alone: no margin
+@pytest.mark.parametrize("estimator,title", [
+    ("mine", "I(X;Z) [bits]: MINE estimate and the pairwise band"),
+    ("infonce", "I(X;Z) [bits]: InfoNCE estimate and the pairwise band"),
+    ("vib_kl", "I(X;Z) [bits]: KL upper bound estimate and the pairwise band"),
 ])
-def test_custom_scalars_layout_names_the_estimator(estimator, title, chart):
+def test_custom_scalars_layout_names_the_estimator(estimator, title):
     from ib.monitor import information_layout
 
-    charts = information_layout("bits", **_labels(estimator))["information plane"]
-    assert charts[title] == chart
+    charts = information_layout("bits", _label(estimator))["information plane"]
+    assert charts[title] == ["Margin", ["mi/I_XZ", "mi/I_XZ_pairwise_lower", "mi/I_XZ_pairwise_upper"]]
+    assert charts["I(X;Z) [bits]: VIB's KL bound against N(0, I)"] == ["Multiline", ["mi/I_XZ_upper"]]
 
 
 def test_a_vib_kl_run_is_labelled_as_the_kl_bound(tmp_path):
@@ -199,7 +226,8 @@ def test_a_vib_kl_run_is_labelled_as_the_kl_bound(tmp_path):
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors(metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
     titles = [c.title for cat in layout.category for c in cat.chart]
-    assert "I(X;Z) [nats]: KL upper bound" in titles and not any("MINE" in t for t in titles)
+    assert "I(X;Z) [nats]: KL upper bound estimate and the pairwise band" in titles
+    assert not any("MINE" in t for t in titles)
     assert {"mi/I_XZ", "mi/I_XZ_upper"} <= set(acc.Tags()["scalars"])  # the tags themselves are unchanged
     assert write_plane_plots(run) == [run / "plane.png"]
     metrics["estimator"] = None  # a run without an estimator names none, and still gets its figure

@@ -127,6 +127,9 @@ def metrics_record(run: Run, row: Mapping[str, float], plane: Mapping[str, float
         "units": run.recipe.monitor.units,
         "I_XZ": row.get("mi/I_XZ", math.nan),
         "I_XZ_upper": row.get("mi/I_XZ_upper", math.nan),
+        "I_XZ_pairwise_lower": row.get("mi/I_XZ_pairwise_lower", math.nan),
+        "I_XZ_pairwise_upper": row.get("mi/I_XZ_pairwise_upper", math.nan),
+        "I_XZ_ceiling": row.get("mi/I_XZ_ceiling", math.nan),
         "I_ZY": row.get("mi/I_ZY", math.nan),
         "H_Y": row.get("mi/H_Y", math.nan),
         "beta_final": row.get("beta", math.nan),
@@ -143,8 +146,8 @@ def metrics_record(run: Run, row: Mapping[str, float], plane: Mapping[str, float
 
 
 def estimator_labels(run: Run) -> Dict[str, Any]:
-    """What figures say of the run's I(X;Z) estimate: its estimator's `label` ("" without one) and whether it is an
-    `upper_bound` (no band to draw to the KL bound)."""
+    """What the run's I(X;Z) estimate is, for figures and metrics.json: its estimator's `label` ("" without one) and
+    whether it is an `upper_bound` on I(X;Z) rather than a lower bound."""
     if run.estimator is None:
         return {"label": "", "upper_bound": False}
     return {"label": run.estimator.label, "upper_bound": run.estimator.upper_bound}
@@ -168,8 +171,7 @@ class RunFolder:
         self.loggers: List[EpochLogger] = [
             CSVHistory(run_dir / "history.csv", run.progress.epoch),
             TensorBoardLogger(run_dir, run.progress.epoch, units=recipe.monitor.units,
-                              plane_figure=recipe.monitor.plane_figure, xz_name=labels["label"],
-                              upper_bound=labels["upper_bound"]),
+                              plane_figure=recipe.monitor.plane_figure, xz_name=labels["label"]),
         ]
 
     def write_epoch(self, run: Run, row: Mapping[str, float], plane: Mapping[str, float], improved: bool) -> None:

@@ -1,0 +1,82 @@
+"""The pairwise-distance bounds on I(X;Z) of Gaussian codes, against what is known exactly."""
+import math
+
+import pytest
+import torch
+
+import ib.estimators.pairwise as pairwise
+from ib.estimators.pairwise import pairwise_bound, pairwise_divergence
+
+
+def test_codes_far_apart_give_log_n_and_identical_codes_give_zero():
+    mean = torch.arange(12.0)[:, None] * torch.full((1, 3), 50.0)  # pairs 50 apart in each of 3 dims
+    std = torch.full((12, 3), 0.1)
+    for kind in ("kl", "bhattacharyya"):
+        assert pairwise_bound(mean, std, kind) == pytest.approx(math.log(12), abs=1e-12)
+        assert pairwise_bound(torch.zeros(12, 3), std, kind) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_closed_forms_equal_torch_distributions():
+    torch.manual_seed(0)
+    m1, m2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    s1, s2 = torch.rand(4, 3, dtype=torch.float64) + 0.2, torch.rand(5, 3, dtype=torch.float64) + 0.2
+    kl = pairwise_divergence(m1, s1, m2, s2, "kl")
+    p, q = torch.distributions.Normal(m1[:, None], s1[:, None]), torch.distributions.Normal(m2[None], s2[None])
+    torch.testing.assert_close(kl, torch.distributions.kl_divergence(p, q).sum(-1))
+    # Bhattacharyya distance of two 1-D Gaussians by numerical integration: -log of the integral of sqrt(p q).
+    grid = torch.linspace(-20, 20, 400_001, dtype=torch.float64)
+    a, b = torch.distributions.Normal(0.3, 0.5), torch.distributions.Normal(-1.0, 1.5)
+    overlap = torch.trapezoid(((a.log_prob(grid) + b.log_prob(grid)) / 2).exp(), grid)
+    exact = -math.log(float(overlap))
+    got = pairwise_divergence(torch.tensor([[0.3]]), torch.tensor([[0.5]]), torch.tensor([[-1.0]]),
+                              torch.tensor([[1.5]]), "bhattacharyya")
+    assert float(got) == pytest.approx(exact, rel=1e-6)  # the trapezoid rule on a 1e-4 grid: ~1e-8
+
+
+@pytest.mark.parametrize("spread, noise", [(1.0, 1.0), (2.0, 0.5), (0.3, 1.0), (4.0, 0.2)])
+def test_a_mixture_of_1d_gaussians_lies_inside_the_band(spread, noise):
+    """X uniform over N inputs, Z | x_i = N(m_i, s_i^2): I(X;Z) = H(Z) - mean_i H(Z | x_i), with H(Z) integrated
+    numerically on a fine grid (error far below the gaps between the bounds and the truth)."""
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    mean = spread * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    std = noise * (0.5 + torch.rand(n, 1, generator=g, dtype=torch.float64))
+    grid = torch.linspace(float(mean.min() - 12 * std.max()), float(mean.max() + 12 * std.max()), 200_001,
+                          dtype=torch.float64)
+    density = torch.distributions.Normal(mean, std).log_prob(grid[None]).exp().mean(0)  # [grid]
+    h_z = -float(torch.trapezoid(torch.xlogy(density, density), grid))
+    h_z_given_x = float((0.5 * torch.log(2 * math.pi * math.e * std.square())).mean())
+    exact = h_z - h_z_given_x
+    lower, upper = pairwise_bound(mean, std, "bhattacharyya"), pairwise_bound(mean, std, "kl")
+    assert 0.0 <= lower <= exact + 1e-6 and exact <= upper + 1e-6 and upper <= math.log(n) + 1e-12, \
+        (lower, exact, upper)
+
+
+def test_tiny_noise_and_a_wide_spread_stay_exact_and_blocks_do_not_matter(monkeypatch):
+    """std ~ 1e-3 and means spread over ~7: the divergences of the differences in float64 (an expanded square
+    would cancel); the row blocks give the bound of the whole matrix."""
+    torch.manual_seed(2)
+    mean = 7.0 * torch.randn(40, 16)
+    std = torch.full((40, 16), 1e-3)
+    mean[1] = mean[0] + 1e-3  # one pair within the noise: the bound is below log N
+    whole = pairwise_bound(mean, std, "kl")
+    assert 0.0 < whole < math.log(40)
+    d01 = float(pairwise_divergence(mean[:1], std[:1], mean[1:2], std[1:2], "kl"))
+    assert d01 == pytest.approx(0.5 * 16 * (1e-3 / 1e-3) ** 2, rel=1e-3)  # float32 inputs: (1e-3 + rounding)^2
+    monkeypatch.setattr(pairwise, "BLOCK_ELEMENTS", 16 * 40 * 3)  # 3 rows a block
+    assert pairwise_bound(mean, std, "kl") == pytest.approx(whole, rel=1e-12)
+
+
+def test_the_lower_bound_never_exceeds_the_upper():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        mean = torch.randn(30, 4, generator=g) * torch.rand(1, generator=g) * 5
+        std = torch.rand(30, 4, generator=g) + 0.05
+        assert pairwise_bound(mean, std, "bhattacharyya") <= pairwise_bound(mean, std, "kl") + 1e-12
+
+
+def test_fewer_than_two_codes_and_unknown_kinds_are_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        pairwise_bound(torch.zeros(1, 3), torch.ones(1, 3), "kl")
+    with pytest.raises(ValueError, match="kind"):
+        pairwise_divergence(torch.zeros(1, 3), torch.ones(1, 3), torch.zeros(1, 3), torch.ones(1, 3), "js")
