@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, metavar="K", help="draws of Z of the sampled model (0: mean code only)")
     ev.add_argument("--eot-samples", type=int, metavar="S", help="draws of Z per EOT-PGD gradient")
     ev.add_argument("--loss", choices=["ce", "margin"], help="loss the gradient attacks ascend (default: ce)")
-    ev.add_argument("--limit", type=int, metavar="N", help="the first N samples of the split only")
+    ev.add_argument("--limit", type=int, metavar="N", help="N samples of the split only, drawn by a seeded permutation")
     ev.add_argument("--restarts", type=int, metavar="R", help="PGD random restarts")
     ev.add_argument("--batch-size", type=int, metavar="B", help="samples per attack batch")
     ev.set_defaults(func=_eval)

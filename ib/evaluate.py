@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 UNBOUNDED_MAX_ACCURACY = 0.1  # check 6: a working attack at eps 1 leaves (almost) nothing correct
 ZERO_GRADIENT_MAX_FRACTION = 0.05  # check 5: share of samples allowed an all-zero input gradient
-PROBE_SAMPLES = 256  # check 5 looks at the first batch, at most this many samples
+PROBE_SAMPLES = 256  # check 5 looks at one batch of at most this many samples
 
 
 class EvalWarning(UserWarning):
@@ -166,10 +166,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batches(split: Split, batch_size: int, device: torch.device, limit: Optional[int] = None) -> BatchLoader:
-    """The split's first `limit` samples (all by default) in order, as float32 batches in [0, 1] on `device`."""
+def _batches(split: Split, batch_size: int, device: torch.device, limit: Optional[int] = None,
+             seed: int = 0) -> BatchLoader:
+    """`limit` samples of the split (all by default) drawn by a seeded permutation (`Split.sample`: every class in
+    proportion, whatever the split's order), as float32 batches in [0, 1] on `device`."""
     if limit is not None:
-        split = Split(split.x[:limit], split.y[:limit])
+        split = split.sample(limit, seed)
     return BatchLoader(split, batch_size, shuffle=False, drop_last=False, device=device)
 
 
@@ -244,16 +246,16 @@ def evaluate_model(
     loader = _batches(split, batch_size, device)
     was_training = [name for name, m in model.named_modules() if m.training]
     with evaluating(model, device=device):
-        checks = [eval_mode_check(model, _batches(split, batch_size, device, batch_size), was_training)]
+        checks = [eval_mode_check(model, _batches(split, batch_size, device, batch_size, seed), was_training)]
         t1 = time.perf_counter()
         clean = clean_metrics(model, loader, variants, seed=seed, ece_bins=ece_bins)
         clean_seconds = time.perf_counter() - t1
         rows = robustness_sweep(model, loader, variants, grid, steps=steps, step_size=step_size,
                                 restarts=restarts, eot_samples=eot_samples, loss_kind=loss, seed=seed)
         checks += sanity_checks(clean, rows, tolerance=tolerance)
-        checks.append(gradient_check(model, _batches(split, batch_size, device, min(batch_size, PROBE_SAMPLES)),
-                                     variants, loss, seed))
-        checks.append(unbounded_check(model, _batches(split, batch_size, device, check_samples), variants,
+        probe = _batches(split, batch_size, device, min(batch_size, PROBE_SAMPLES), seed)
+        checks.append(gradient_check(model, probe, variants, loss, seed))
+        checks.append(unbounded_check(model, _batches(split, batch_size, device, check_samples, seed), variants,
                                       steps=steps, eot_samples=eot_samples, loss_kind=loss, seed=seed))
     for c in checks:
         if c["passed"] is False:
@@ -309,8 +311,8 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), *, device: Opt
     run = load_run(path, device, overrides=overrides)
     settings = run.recipe.eval
     split = run.data.test if settings.split == "test" else run.data.val
-    if settings.limit is not None:
-        split = Split(split.x[:settings.limit], split.y[:settings.limit])
+    if settings.limit is not None:  # drawn by a seeded permutation: every class, whatever the split's order
+        split = split.sample(settings.limit, settings.seed)
     if len(split.y) == 0:
         raise ConfigError(f"the {settings.split} split of {run.checkpoint} is empty")
     samples = run.recipe.model.eval_samples if settings.samples is None else settings.samples

@@ -23,10 +23,25 @@ def xz_label(units: str, xz_name: str) -> str:
     return f"I(X;Z) [{units}] ({xz_name + ', ' if xz_name else ''}held-out)"
 
 
-def _impossible_region(ax: Any, xmax: float) -> None:
-    """Shade I(X;Z) < I(Z;Y), which the data-processing inequality (Y -> X -> Z) rules out."""
-    ax.fill_between([0.0, xmax], [0.0, xmax], [xmax, xmax], color="tab:red", alpha=0.06, lw=0, zorder=0,
+def _impossible_region(ax: Any) -> None:
+    """Shade I(X;Z) < I(Z;Y), which the data-processing inequality (Y -> X -> Z) rules out (after the axes' range
+    is set: the diagonal is sampled densely, so that it stays the diagonal on a symlog axis)."""
+    top = ax.get_ylim()[1]
+    xs = [top * i / 200 for i in range(201)]
+    ax.fill_between(xs, xs, [top] * len(xs), color="tab:red", alpha=0.08, lw=0, zorder=0,
                     label="impossible: I(X;Z) < I(Z;Y)")
+
+
+def _axes_range(ax: Any, estimates: Sequence[float], band_ends: Sequence[float], zy: Sequence[float]) -> None:
+    """x from 0 past everything drawn, y from 0 past the highest I(Z;Y). An estimate far beyond the band (VIB's KL
+    against N(0, I) can be hundreds of nats) would squeeze the band into a corner: the x axis is then linear up to
+    the band and logarithmic beyond it."""
+    reach = max([*band_ends, *zy, 1e-3])
+    xmax = max([*estimates, reach]) * 1.05
+    ax.set_xlim(0.0, xmax)
+    if band_ends and xmax > 3 * reach:
+        ax.set_xscale("symlog", linthresh=reach * 1.05, linscale=2.0)
+    ax.set_ylim(0.0, max([*zy, 1e-3]) * 1.15)
 
 
 def _band(lower: Any, upper: Any, zy: float) -> Optional[tuple[float, float]]:
@@ -56,10 +71,7 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
     bands = [(p, _band(p.get("I_XZ_pairwise_lower"), p.get("I_XZ_pairwise_upper"), p["I_ZY"])) for p in pts]
     estimates = [p for p in pts if _finite(p.get("I_XZ"))]
     if estimates or any(b for _, b in bands):
-        xs = [p["I_XZ"] for p in estimates] + [x for _, b in bands if b for x in b] + [p["I_ZY"] for p in pts]
         ceiling = [p["I_XZ_ceiling"] for p in pts if _finite(p.get("I_XZ_ceiling"))]
-        xmax = max(xs + ceiling[-1:]) * 1.05 + 1e-3
-        _impossible_region(ax, xmax)
         for (p, b), first in zip(bands, [True] + [False] * len(bands)):
             if b:
                 ax.plot(b, [p["I_ZY"]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9, zorder=1,
@@ -71,8 +83,9 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
             ax.plot(ex, ey, color="0.5", lw=0.8, zorder=2)
             sc = ax.scatter(ex, ey, c=ep, cmap="viridis", s=22, zorder=3, label=xz_name or "estimate")
             fig.colorbar(sc, ax=ax, label="epoch")
-        ax.set_xlim(0.0, xmax)
-        ax.set_ylim(0.0, max(p["I_ZY"] for p in pts) * 1.15 + 1e-3)
+        _axes_range(ax, [p["I_XZ"] for p in estimates], [x for _, b in bands if b for x in b] + ceiling[-1:],
+                    [p["I_ZY"] for p in pts])
+        _impossible_region(ax)
         ax.legend(loc="lower right", fontsize=7)
     else:
         ax.text(0.5, 0.5, "no I(X;Z) estimate in this run", ha="center", va="center", transform=ax.transAxes)
@@ -108,9 +121,6 @@ def ib_curve_figure(rows: Sequence[Mapping[str, float]], units: str = "nats") ->
     betas = sorted(set(zy) & (set(xz) | (set(lower) & set(upper))))
     bands = {b: _band(_mean_std(lower[b])[0], _mean_std(upper[b])[0], _mean_std(zy[b])[0])
              for b in betas if b in lower and b in upper}
-    xs = [_mean_std(xz[b])[0] + _mean_std(xz[b])[1] for b in betas if b in xz] + [x for v in bands.values() for x in v]
-    if betas:
-        _impossible_region(ax, max(xs + [_mean_std(zy[b])[0] for b in betas]) * 1.05 + 1e-3)
     for i, (b, band) in enumerate(sorted(bands.items())):
         ax.plot(band, [_mean_std(zy[b])[0]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9,
                 label="pairwise band (Bhattacharyya to KL)" if i == 0 else None)
@@ -124,6 +134,10 @@ def ib_curve_figure(rows: Sequence[Mapping[str, float]], units: str = "nats") ->
     if with_estimate:
         ax.plot([_mean_std(xz[b])[0] for b in with_estimate], [_mean_std(zy[b])[0] for b in with_estimate],
                 color="0.6", lw=0.8)
+    if betas:
+        _axes_range(ax, [_mean_std(xz[b])[0] for b in betas if b in xz], [x for v in bands.values() for x in v],
+                    [_mean_std(zy[b])[0] for b in betas])
+        _impossible_region(ax)
     ax.set_xlabel(f"I(X;Z) [{units}] (points: the runs' estimate)")
     ax.set_ylabel(f"I(Z;Y) [{units}]")
     ax.set_title("IB curve (final epoch; error bars: std over seeds)")

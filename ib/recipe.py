@@ -147,14 +147,14 @@ class EvalConfig:
     eot_samples: int = setting(8, "draws of Z averaged into each EOT-PGD gradient", ge=1, le=10_000)
     loss: Literal["ce", "margin"] = setting("ce", "what the gradient attacks ascend: cross-entropy (Madry et al.) or "
                                            "the margin max_j z_j - z_y (Carlini-Wagner)")
-    limit: Optional[int] = setting(None, "evaluate the first N samples of the split only (null: all)", ge=1)
+    limit: Optional[int] = setting(None, "evaluate N samples of the split only, drawn by a seeded permutation (null: all)", ge=1)
     batch_size: Optional[int] = setting(None, "samples per attack batch (null: data.eval_batch_size)", ge=1,
                                        le=1_000_000)
     seed: int = setting(0, "seed of random starts, noise and sampled codes (the global RNG is left alone)", ge=0,
                        le=2**63 - 1)
     ece_bins: int = setting(15, "equal-width confidence bins of the expected calibration error", ge=1, le=10_000)
     tolerance: float = setting(0.005, "accuracy slack of the monotonicity and PGD-vs-FGSM checks", ge=0.0, le=1.0)
-    check_samples: int = setting(500, "samples for the unbounded-attack check (L-inf PGD at eps 1); 0 skips it",
+    check_samples: int = setting(500, "samples for the unbounded-attack check (L-inf PGD at eps 1), drawn like limit's; 0 skips it",
                                 ge=0, le=1_000_000)
 
     def __post_init__(self) -> None:

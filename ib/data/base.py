@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ib.errors import ConfigError, DataError
@@ -36,6 +37,15 @@ class Split:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def sample(self, n: int, seed: int) -> "Split":
+        """`n` samples drawn by a seeded permutation, so that a subset of a split stored in class order (an
+        image folder's) still holds every class in proportion; the whole split, in its own order, when `n` covers
+        it."""
+        if n >= len(self):
+            return self
+        rows = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return Split(self.x[rows], self.y[rows])
 
 
 @dataclass

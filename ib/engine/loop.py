@@ -346,12 +346,14 @@ def _test_row(run: Run) -> Row:
 
 
 def probe_set(run: Run) -> Split:
-    """The fixed held-out probe set of the information plane: the first `monitor.probe_size` validation samples
-    (test samples when there is no validation split), on the run's device. Under torchrun, this process's equal
-    share of it (the probe set cut to a multiple of the number of processes)."""
+    """The fixed held-out probe set of the information plane: `monitor.probe_size` validation samples drawn by a
+    seeded permutation (all of them when they are fewer; test samples when there is no validation split), on the
+    run's device. Under torchrun, this process's equal share of it (the probe set cut to a multiple of the number
+    of processes)."""
     source = run.data.val if len(run.data.val.y) >= 2 else run.data.test
+    source = source.sample(run.recipe.monitor.probe_size, run.recipe.seed)
     world = run.proc.world_size
-    n = min(run.recipe.monitor.probe_size, len(source.y)) // world * world
+    n = len(source.y) // world * world
     part = distributed.shard(n, run.proc)
     x = source.x[part].to(run.device)
     return Split(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), source.y[part].to(run.device))

@@ -6,7 +6,7 @@ import inspect
 import pytest
 import torch
 
-from ib.data import DATASETS, load_data
+from ib.data import DATASETS, Split, load_data
 from ib.errors import ConfigError
 
 
@@ -48,3 +48,15 @@ def test_unknown_data_set_lists_valid_names():
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_loaders_take_root_download_image_size(name):
     assert list(inspect.signature(DATASETS.get(name)).parameters) == ["root", "download", "image_size"]
+
+
+def test_a_subset_of_a_split_in_class_order_holds_every_class():
+    """`Split.sample` draws by a seeded permutation: a probe or an evaluation subset of a split stored in class
+    order (an image folder's) holds every class in proportion, and the same seed draws the same rows."""
+    y = torch.arange(10).repeat_interleave(100)  # 1,000 samples, classes in order
+    split = Split(torch.arange(1000).view(1000, 1, 1, 1).float(), y)
+    part = split.sample(200, seed=3)
+    counts = torch.bincount(part.y, minlength=10)
+    assert len(part) == 200 and (counts >= 8).all()  # expected 20 each; >= 8 fails with probability < 1e-3
+    assert torch.equal(split.sample(200, seed=3).x, part.x) and not torch.equal(split.sample(200, seed=4).x, part.x)
+    assert split.sample(1000, seed=3) is split and split.sample(5000, seed=3) is split  # all of it, in order

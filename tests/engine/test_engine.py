@@ -484,3 +484,18 @@ def test_training_bound_follows_monitor_units(tmp_path):
         rows[units] = next(csv.DictReader((tmp_path / units / "history.csv").open()))
     for key in ("mi/I_XZ_train", "mi/I_XZ"):
         assert float(rows["bits"][key]) == pytest.approx(float(rows["nats"][key]) / math.log(2), rel=1e-6)
+
+
+def test_the_probe_set_holds_every_class_of_a_validation_split_in_class_order():
+    """The plane's probe set is drawn from the validation split by a seeded permutation: for a split stored in
+    class order (as an image folder's is), the first samples would hold a few classes only."""
+    from ib.data import Split
+    from ib.engine.loop import probe_set
+
+    run = build_run(load_recipe(DIGITS, [*SMALL, "monitor.probe_size=200"]))
+    order = run.data.train.y.argsort(stable=True)  # 1,294 training digits in class order, as the validation split
+    run.data.val = Split(run.data.train.x[order], run.data.train.y[order])
+    probe = probe_set(run)
+    counts = torch.bincount(probe.y, minlength=10)
+    assert len(probe.y) == 200 and (counts >= 8).all(), counts  # ~20 each
+    assert torch.equal(probe_set(run).y, probe.y)  # the same probe every epoch
