@@ -72,10 +72,10 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
     estimates = [p for p in pts if _finite(p.get("I_XZ"))]
     if estimates or any(b for _, b in bands):
         ceiling = [p["I_XZ_ceiling"] for p in pts if _finite(p.get("I_XZ_ceiling"))]
-        for (p, b), first in zip(bands, [True] + [False] * len(bands)):
-            if b:
-                ax.plot(b, [p["I_ZY"]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9, zorder=1,
-                        label="pairwise band (Bhattacharyya to KL)" if first else None)
+        drawn = [(p, b) for p, b in bands if b]
+        for i, (p, b) in enumerate(drawn):
+            ax.plot(b, [p["I_ZY"]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9, zorder=1,
+                    label="pairwise band (Bhattacharyya to KL)" if i == 0 else None)
         if ceiling:
             ax.axvline(ceiling[-1], color="0.4", ls="--", lw=0.8, label=f"ceiling log N = {ceiling[-1]:.3g}")
         if estimates:

@@ -76,7 +76,7 @@ def _critic_optimizer() -> OptimConfig:
 class MIConfig:
     enabled: bool = setting(True, "train a critic and estimate I(X;Z); required when beta > 0")
     estimator: Component = component("mine", "estimator", "the I(X;Z) term: mine, mine_f, infonce, smile, jsd, "
-                                     "vib_kl (see docs/estimators.md)")
+                                     "vib_kl, pairwise_kl (see docs/estimators.md)")
     critic: Component = component("joint", "critic", "statistics network T(x, z)")
     optimizer: OptimConfig = field(
         default_factory=_critic_optimizer, metadata={"help": "the critic's own optimizer (it maximises the bound)"}

@@ -88,6 +88,7 @@ ESTIMATOR_CLASSES = {
     "smile": ("SMILE", False, True, False, {"tau": 5.0, "marginals": 1}),
     "jsd": ("JSD", False, True, False, {"marginals": 1}),
     "vib_kl": ("KL upper bound", True, False, False, {}),
+    "pairwise_kl": ("pairwise KL bound", True, False, False, {}),
 }
 
 

@@ -72,6 +72,6 @@ def test_vib_kl_rejects_a_deterministic_bottleneck_before_training(tmp_path):
     from ib.recipe import load_recipe
 
     recipe = load_recipe(DIGITS, ["epochs=1", "mi.estimator=vib_kl", "model.bottleneck=deterministic"])
-    with pytest.raises(ConfigError, match="vib_kl needs a Gaussian encoder"):
+    with pytest.raises(ConfigError, match="vib_kl needs a Gaussian p"):
         fit(recipe, tmp_path / "det")
     assert not (tmp_path / "det" / "last.pt").exists()

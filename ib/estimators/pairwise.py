@@ -25,6 +25,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ib import distributed
+from ib.estimators.base import ESTIMATORS, MIEstimator
+from ib.estimators.vib import gaussian_code, require_gaussian
+from ib.models.bottlenecks import Code
+
 Divergence = Literal["kl", "bhattacharyya"]
 BLOCK_ELEMENTS = 1 << 22  # float64 elements of one [rows, N, K] block (32 MiB)
 
@@ -55,3 +60,52 @@ def pairwise_bound(mean: Tensor, std: Tensor, kind: Divergence) -> float:
         d = pairwise_divergence(mean[start:start + rows], std[start:start + rows], mean, std, kind)  # [rows, N]
         total += float((torch.logsumexp(-d, dim=1) - math.log(n)).sum())
     return -total / n
+
+
+@ESTIMATORS.register("pairwise_kl")
+class PairwiseKL(MIEstimator):
+    """The nonlinear IB's penalty (Kolchinsky, Tracey & Wolpert, Entropy 2019): the pairwise KL upper bound on
+    I(X;Z) over the batch, -(1/B) sum_i log (1/B) sum_j exp(-KL(p_i || p_j)), differentiable in the encoder's means
+    and stds. An upper bound, so a sound thing to minimise; at most log B. No critic, nothing to train.
+
+    Args:
+        bottleneck: registry name of the model's bottleneck, passed by the library in place of a critic; only a
+            Gaussian one has the mean and std the divergences need.
+
+    Raises:
+        ConfigError: `bottleneck` is not Gaussian.
+    """
+
+    label = "pairwise KL bound"
+    upper_bound = True
+    needs_critic = False  # the library passes the bottleneck's name instead of a critic
+    loss_is_minus_penalty = False  # nothing to train; the penalty needs the Code
+
+    def __init__(self, bottleneck: str, /) -> None:
+        super().__init__()
+        require_gaussian("pairwise_kl", bottleneck)
+
+    def loss(self, x: Tensor, z: Tensor) -> Tensor:
+        """Nothing to train: a zero that needs no gradient."""
+        return torch.zeros((), device=z.device, dtype=z.dtype)
+
+    def _codes(self, code: Code | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """This process's means and stds [B, K], and those of every process's batch (with `sync`) to pair them with."""
+        code = gaussian_code(code)
+        pool_mean, _ = distributed.gather(code.mean) if self.sync else (code.mean, 0)
+        pool_std, _ = distributed.gather(code.std) if self.sync else (code.std, 0)
+        return code.mean, code.std, pool_mean, pool_std
+
+    def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
+        """The bound on the (global) batch, in nats: each row's -log mean_j exp(-KL_ij), averaged."""
+        mean, std, pool_mean, pool_std = self._codes(code)
+        d = pairwise_divergence(mean, std, pool_mean, pool_std, "kl")  # [B, N*B] float64, from the differences
+        rows = math.log(d.shape[1]) - torch.logsumexp(-d, dim=1)  # [B]
+        return self.mean(rows).to(mean.dtype)
+
+    @torch.no_grad()
+    def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
+                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
+        """The pairwise KL bound over the whole (held-out) set, in nats; the other arguments are unused."""
+        _, _, pool_mean, pool_std = self._codes(code)
+        return pairwise_bound(pool_mean, pool_std, "kl")

@@ -35,10 +35,19 @@ def gaussian_kl(mean: Tensor, std: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + std.pow(2) - 1.0).sum(-1) - log_std.sum(-1)
 
 
-def _gaussian(code: Code | None) -> Code:
+def gaussian_code(code: Code | None) -> Code:
+    """`code`, checked to carry the Gaussian encoder's mean and std (which the KL-based bounds read)."""
     if code is None or code.mean is None or code.std is None:
-        raise ConfigError("vib_kl needs the Gaussian encoder's mean and std (model.bottleneck=gaussian)")
+        raise ConfigError("vib_kl and pairwise_kl need the Gaussian encoder's mean and std (model.bottleneck=gaussian)")
     return code
+
+
+def require_gaussian(estimator: str, bottleneck: str) -> None:
+    """Refuse, in one line naming the encoders that have one, a bottleneck without a Gaussian p(z|x)."""
+    if bottleneck not in GAUSSIAN_BOTTLENECKS:
+        raise ConfigError(f"mi.estimator: {estimator} needs a Gaussian p(z|x) (model.bottleneck="
+                          f"{' or '.join(GAUSSIAN_BOTTLENECKS)}), got model.bottleneck={bottleneck}; use a "
+                          f"critic-based estimator (mine, smile, ...) instead")
 
 
 @ESTIMATORS.register("vib_kl")
@@ -60,10 +69,7 @@ class VariationalKL(MIEstimator):
 
     def __init__(self, bottleneck: str, /) -> None:
         super().__init__()
-        if bottleneck not in GAUSSIAN_BOTTLENECKS:
-            raise ConfigError(f"mi.estimator: vib_kl needs a Gaussian encoder (model.bottleneck=gaussian), got "
-                              f"model.bottleneck={bottleneck}; use a critic-based estimator (mine, smile, ...) "
-                              f"instead")
+        require_gaussian("vib_kl", bottleneck)
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         """Nothing to train: a zero that needs no gradient."""
@@ -71,12 +77,12 @@ class VariationalKL(MIEstimator):
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         """The batch average of the KL (of the global batch with `sync`), differentiable in the mean and std."""
-        code = _gaussian(code)
+        code = gaussian_code(code)
         return self.mean(gaussian_kl(code.mean, code.std))
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
                  permutations: int = 10, generator: torch.Generator | None = None) -> float:
         """The average KL over the (held-out) set, in nats; the other arguments are unused."""
-        code = _gaussian(code)
+        code = gaussian_code(code)
         return float(self.mean(gaussian_kl(code.mean, code.std).double()))
