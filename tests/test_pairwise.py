@@ -119,3 +119,22 @@ def test_pairwise_kl_trains_end_to_end(tmp_path):
     assert metrics["status"] == "completed" and metrics["test_accuracy"] > 0.5
     assert metrics["I_XZ_nats"] == pytest.approx(metrics["I_XZ_pairwise_upper"], rel=1e-9)  # the estimate is it
     assert metrics["estimator"] == {"name": "pairwise_kl", "label": "pairwise KL bound", "upper_bound": True}
+
+
+def test_a_trained_critics_held_out_estimate_lies_inside_the_band():
+    """X uniform over a 4 x 4 grid of points, Z = X + N(0, 0.6^2 I): the band is [1.10, 2.14] nats, the exact
+    I(X;Z) (Monte Carlo, standard error 0.002) 1.434, and a MINE critic trained briefly on 4,000 pairs reports a held-out
+    value inside the band."""
+    from ib.estimators import estimate_mi
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 2)
+    std = torch.full((16, 2), 0.6)
+    lower, upper = pairwise_bound(points, std, "bhattacharyya"), pairwise_bound(points, std, "kl")
+    rows = torch.randint(0, 16, (100_000,), generator=g)
+    z = points[rows] + 0.6 * torch.randn(100_000, 2, generator=g)
+    log_p = torch.distributions.Normal(points[None], 0.6).log_prob(z[:, None]).sum(-1)  # [M, 16]
+    exact = float((log_p[torch.arange(len(rows)), rows] - torch.logsumexp(log_p, 1) + math.log(16)).mean())
+    assert lower < exact < upper
+    estimate = estimate_mi(points[rows[:4000]], z[:4000], "mine", steps=300, hidden=(64, 64), seed=0)
+    assert lower <= estimate <= upper, (lower, estimate, exact, upper)
