@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from ib import distributed
-from ib.estimators.base import ESTIMATORS, MIEstimator
-from ib.estimators.vib import gaussian_code, require_gaussian
+from ib.estimators.base import ESTIMATORS
+from ib.estimators.vib import GaussianCodeBound, gaussian_code
 from ib.models.bottlenecks import Code
 
 Divergence = Literal["kl", "bhattacharyya"]
@@ -63,31 +63,13 @@ def pairwise_bound(mean: Tensor, std: Tensor, kind: Divergence) -> float:
 
 
 @ESTIMATORS.register("pairwise_kl")
-class PairwiseKL(MIEstimator):
+class PairwiseKL(GaussianCodeBound):
     """The nonlinear IB's penalty (Kolchinsky, Tracey & Wolpert, Entropy 2019): the pairwise KL upper bound on
     I(X;Z) over the batch, -(1/B) sum_i log (1/B) sum_j exp(-KL(p_i || p_j)), differentiable in the encoder's means
-    and stds. An upper bound, so a sound thing to minimise; at most log B. No critic, nothing to train.
+    and stds. An upper bound, so a sound thing to minimise; at most log B."""
 
-    Args:
-        bottleneck: registry name of the model's bottleneck, passed by the library in place of a critic; only a
-            Gaussian one has the mean and std the divergences need.
-
-    Raises:
-        ConfigError: `bottleneck` is not Gaussian.
-    """
-
+    name = "pairwise_kl"
     label = "pairwise KL bound"
-    upper_bound = True
-    needs_critic = False  # the library passes the bottleneck's name instead of a critic
-    loss_is_minus_penalty = False  # nothing to train; the penalty needs the Code
-
-    def __init__(self, bottleneck: str, /) -> None:
-        super().__init__()
-        require_gaussian("pairwise_kl", bottleneck)
-
-    def loss(self, x: Tensor, z: Tensor) -> Tensor:
-        """Nothing to train: a zero that needs no gradient."""
-        return torch.zeros((), device=z.device, dtype=z.dtype)
 
     def _codes(self, code: Code | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """This process's means and stds [B, K], and those of every process's batch (with `sync`) to pair them with."""

@@ -15,6 +15,8 @@ applies to the `gaussian` bottleneck only (other bottlenecks are rejected before
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -50,30 +52,38 @@ def require_gaussian(estimator: str, bottleneck: str) -> None:
                           f"critic-based estimator (mine, smile, ...) instead")
 
 
-@ESTIMATORS.register("vib_kl")
-class VariationalKL(MIEstimator):
-    """E_x KL(N(mean, std^2) || N(0, I)), the VIB upper bound on I(X;Z), from the encoder's `Code`.
+class GaussianCodeBound(MIEstimator):
+    """Base of the upper bounds read off a Gaussian encoder's mean and std (`vib_kl`, `pairwise_kl`): no critic and
+    nothing to train; the library passes the bottleneck's registry name in place of a critic.
 
     Args:
-        bottleneck: registry name of the model's bottleneck, passed by the library in place of a critic; only a
-            Gaussian one has the mean and std the KL needs.
+        bottleneck: registry name of the model's bottleneck; only a Gaussian one has the mean and std the bound
+            needs.
 
     Raises:
         ConfigError: `bottleneck` is not Gaussian.
     """
 
-    label = "KL upper bound"
+    name: ClassVar[str]  # the registry name, for messages
     upper_bound = True
-    needs_critic = False  # the library passes the bottleneck's name instead of a critic
+    needs_critic = False
     loss_is_minus_penalty = False  # nothing to train; the penalty needs the Code
 
     def __init__(self, bottleneck: str, /) -> None:
         super().__init__()
-        require_gaussian("vib_kl", bottleneck)
+        require_gaussian(self.name, bottleneck)
 
     def loss(self, x: Tensor, z: Tensor) -> Tensor:
         """Nothing to train: a zero that needs no gradient."""
         return torch.zeros((), device=z.device, dtype=z.dtype)
+
+
+@ESTIMATORS.register("vib_kl")
+class VariationalKL(GaussianCodeBound):
+    """E_x KL(N(mean, std^2) || N(0, I)), the VIB upper bound on I(X;Z), from the encoder's `Code`."""
+
+    name = "vib_kl"
+    label = "KL upper bound"
 
     def penalty(self, x: Tensor, z: Tensor, code: Code | None = None) -> Tensor:
         """The batch average of the KL (of the global batch with `sync`), differentiable in the mean and std."""
