@@ -61,9 +61,11 @@ def fused_minimax_objective(
         J = CE + L_T(x, R(z)),      R = gradient reversal with scale beta,
 
     so dJ/d(critic) = dL_T/d(critic) = -dS/d(critic) (the critic ascends S), and the gradient reaching z is
-    -beta * dL_T/dz = beta * dS/dz (the encoder descends CE + beta * S). These are the gradients of the two-pass
-    step (critic on detached z, then the encoder on CE + beta * penalty) taken at the same critic and moving
-    average; the moving average is updated once, by the critic's loss, as in the two-pass step.
+    -beta * dL_T/dz = beta * dS/dz (the encoder descends CE + beta * S). Both gradients are taken at the critic as it
+    is before the step: simultaneous gradient descent-ascent. They equal the two-pass step's (critic on detached z,
+    then the encoder on CE + beta * penalty) only at a fixed critic: the two-pass step updates the critic first and
+    gives the encoder the gradient of the updated one. The moving average is updated once, by the critic's loss, as
+    in the two-pass step.
 
     `forward` (x -> (code, logits)) and `critic_loss_fn` ((x, z) -> critic loss) replace `encode_decode(model, .)`
     and `estimator.loss`: the trainer passes their DistributedDataParallel wrappers under torchrun.

@@ -82,7 +82,8 @@ class MIConfig:
         default_factory=_critic_optimizer, metadata={"help": "the critic's own optimizer (it maximises the bound)"}
     )
     critic_steps: int = setting(1, "critic updates per encoder update, on the same batch", ge=1, le=100)
-    fused: bool = setting(True, "one critic forward serves both players (gradient reversal); false: the critic "
+    fused: bool = setting(True, "one critic forward serves both players (gradient reversal: simultaneous descent-"
+                         "ascent, the encoder's gradient taken at the critic before its update); false: the critic "
                          "steps first on detached z, then the encoder meets the updated critic (always so when "
                          "critic_steps > 1, and for jsd/smile, whose critic loss is not minus their penalty)")
     eval_permutations: int = setting(10, "shuffled pairings per sample for the held-out estimate", ge=1, le=1000)

@@ -176,10 +176,12 @@ def train_step(
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
-    Two-pass (default): the critic steps on detached z (`critic_steps` times), then the encoder steps on
-    CE + beta * penalty against the updated critic. Fused (`fused=True`, one critic step): one forward of the
-    critic serves both players through gradient reversal (`fused_minimax_objective`), both optimisers step on the
-    gradients of one backward pass, about a third less work per step with the paper's critic.
+    Two-pass (`fused=False`, this function's default): the critic steps on detached z (`critic_steps` times), then
+    the encoder steps on CE + beta * penalty against the updated critic. Fused (`fused=True`, the recipes' default
+    `mi.fused`, one critic step): one forward of the critic serves both players through gradient reversal
+    (`fused_minimax_objective`) and both optimisers step on the gradients of one backward pass, about a third less
+    work per step with the paper's critic. That is simultaneous gradient descent-ascent: the encoder's gradient is
+    taken at the critic before its update, so the two forms agree only while the critic stands still.
 
     An update whose loss or gradient is not finite is skipped (gradients dropped, the estimator's buffers such as
     MINE's moving average put back), and the step reports `finite` False. Fused, that is both players' update;
