@@ -16,26 +16,19 @@ import logging
 import math
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 
-from ib.sweep import run_sweep
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ib.sweep import run_sweep  # noqa: E402
+from train_speed import cpu_name  # noqa: E402
 PENALTIES = ("mine", "vib_kl", "pairwise_kl")
-
-
-def processor() -> str:
-    """The CPU's model name (Linux), else what `platform` says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown processor"
 
 
 def mean(values: Sequence[float]) -> float:
@@ -83,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"- command: `{command}`",
         f"- protocol: `recipes/digits.yaml` (40 epochs unless overridden), betas {args.betas}, seeds {args.seeds};",
         "  means over the seeds of the final epoch; the probe is the validation split (N = 143, ceiling log 143)",
-        f"- machine: {platform.machine()}, {processor()}, torch {torch.__version__}",
+        f"- machine: {platform.machine()}, {cpu_name()}, torch {torch.__version__}",
         "- per-run figures: `digits_band_<penalty>.csv` beside this file",
         "",
         *table(rows_by_penalty),

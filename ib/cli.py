@@ -50,11 +50,17 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
-def parse_list(text: str, what: str, kind: Callable[[str], Any] = float) -> List[Any]:
-    """`"0,1e-4,1e-3"` -> [0.0, 1e-4, 1e-3]: numbers, finite, >= 0, no duplicates; else a one-line ConfigError."""
+def list_items(text: str, flag: str, example: str) -> List[str]:
+    """The items of an option's comma-separated list, stripped; a ConfigError naming `flag` when one is blank."""
     items = [t.strip() for t in text.split(",")]
     if not text.strip() or any(not t for t in items):
-        raise ConfigError(f"--{what}: expected a comma-separated list like 0,1e-3,1e-2, got '{text}'")
+        raise ConfigError(f"{flag}: expected a comma-separated list like {example}, got '{text}'")
+    return items
+
+
+def parse_list(text: str, what: str, kind: Callable[[str], Any] = float) -> List[Any]:
+    """`"0,1e-4,1e-3"` -> [0.0, 1e-4, 1e-3]: numbers, finite, >= 0, no duplicates; else a one-line ConfigError."""
+    items = list_items(text, f"--{what}", "0,1e-3,1e-2")
     values = []
     for t in items:
         try:
@@ -135,16 +141,14 @@ def saved_estimator_labels(run_dir: Path) -> Dict[str, Any]:
     """The label and bound direction of the estimator in a run folder's `recipe.yaml`, for a run whose
     `metrics.json` has no "estimator" entry (written before it had one); {} when the recipe cannot be read."""
     from ib.estimators import ESTIMATORS
+    from ib.estimators.base import estimator_labels
     from ib.recipe import load_recipe
 
     try:
         recipe = load_recipe(run_dir / "recipe.yaml")
     except ConfigError:
         return {}
-    if not recipe.mi.enabled:
-        return {"label": "", "upper_bound": False}
-    cls = ESTIMATORS.get(recipe.mi.estimator.name)
-    return {"label": cls.label, "upper_bound": cls.upper_bound}
+    return estimator_labels(ESTIMATORS.get(recipe.mi.estimator.name) if recipe.mi.enabled else None)
 
 
 def _plane(args: argparse.Namespace) -> int:
@@ -169,10 +173,11 @@ def eval_overrides(args: argparse.Namespace) -> List[str]:
         value = getattr(args, key)
         if value is None:
             continue
-        if key in _EVAL_LISTS and any(not item.strip() for item in value.split(",")):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"{flag}: expected a comma-separated list like 0.05,0.1, got '{value}'")
-        out.append(f"eval.{key}=[{value}]" if key in _EVAL_LISTS else f"eval.{key}={value}")
+        if key in _EVAL_LISTS:
+            items = list_items(value, "--" + key.replace("_", "-"), "0.05,0.1")
+            out.append(f"eval.{key}=[{','.join(items)}]")
+        else:
+            out.append(f"eval.{key}={value}")
     return out + list(args.overrides)
 
 
@@ -256,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     # Under torchrun rank 0 alone reports; the others say only errors (their warnings would repeat rank 0's).
-    other_rank = int(os.environ.get("RANK", "0") or 0) > 0
+    other_rank = _rank() > 0
     level = logging.ERROR if other_rank else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.command is None:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ib import distributed
 from ib.estimators import MIEstimator, gaussian_kl
-from ib.estimators.pairwise import pairwise_bound
+from ib.estimators.pairwise import pairwise_bounds
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier
 from ib.modes import evaluating
@@ -87,8 +87,8 @@ def information_plane(
                 mean, std = code.mean, code.std
                 if reduce:  # the band is of the whole probe set: every process's codes
                     mean, std = distributed.gather(mean)[0], distributed.gather(std)[0]
-                out["I_XZ_pairwise_upper"] = pairwise_bound(mean, std, "kl")
-                out["I_XZ_pairwise_lower"] = pairwise_bound(mean, std, "bhattacharyya")
+                band = pairwise_bounds(mean, std)  # one pass over the pairs for both ends
+                out["I_XZ_pairwise_upper"], out["I_XZ_pairwise_lower"] = band["kl"], band["bhattacharyya"]
                 out["I_XZ_ceiling"] = math.log(n)
         if estimator is not None and n >= 2:
             g = torch.Generator().manual_seed(seed)

@@ -116,34 +116,31 @@ def ib_curve_figure(rows: Sequence[Mapping[str, float]], units: str = "nats") ->
     the data-processing inequality rules out."""
     fig = Figure(figsize=(5.5, 4.2), dpi=100)
     ax = fig.add_subplot()
-    xz, zy = _by_beta(rows, "I_XZ"), _by_beta(rows, "I_ZY")
-    lower, upper = _by_beta(rows, "I_XZ_pairwise_lower"), _by_beta(rows, "I_XZ_pairwise_upper")
-    betas = sorted(set(zy) & (set(xz) | (set(lower) & set(upper))))
-    bands = {b: _band(_mean_std(lower[b])[0], _mean_std(upper[b])[0], _mean_std(zy[b])[0])
-             for b in betas if b in lower and b in upper}
-    for i, (b, band) in enumerate(sorted(bands.items())):
-        ax.plot(band, [_mean_std(zy[b])[0]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9,
+    stats = {key: {b: _mean_std(v) for b, v in _by_beta(rows, key).items()}  # {key: {beta: (mean, std)}}
+             for key in ("I_XZ", "I_ZY", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper")}
+    xz, zy, lower, upper = (stats[k] for k in ("I_XZ", "I_ZY", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper"))
+    bands = {b: _band(lower[b][0], upper[b][0], zy[b][0]) for b in sorted(zy) if b in lower and b in upper}
+    betas = sorted(b for b in zy if b in xz or b in bands)
+    for i, (b, band) in enumerate(bands.items()):
+        ax.plot(band, [zy[b][0]] * 2, color="0.45", lw=2.5, alpha=0.6, marker="|", markersize=9,
                 label="pairwise band (Bhattacharyya to KL)" if i == 0 else None)
     for b in betas:
-        my, sy = _mean_std(zy[b])
-        mx, sx = _mean_std(xz[b]) if b in xz else (bands[b][1], 0.0)
+        (my, sy), (mx, sx) = zy[b], xz.get(b, (bands[b][1], 0.0) if b in bands else (0.0, 0.0))
         if b in xz:
             ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", capsize=3)
         ax.annotate(f"β={b:g}", (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
     with_estimate = [b for b in betas if b in xz]
     if with_estimate:
-        ax.plot([_mean_std(xz[b])[0] for b in with_estimate], [_mean_std(zy[b])[0] for b in with_estimate],
-                color="0.6", lw=0.8)
+        ax.plot([xz[b][0] for b in with_estimate], [zy[b][0] for b in with_estimate], color="0.6", lw=0.8)
     if betas:
-        _axes_range(ax, [_mean_std(xz[b])[0] for b in betas if b in xz], [x for v in bands.values() for x in v],
-                    [_mean_std(zy[b])[0] for b in betas])
+        _axes_range(ax, [xz[b][0] for b in with_estimate], [x for v in bands.values() for x in v],
+                    [zy[b][0] for b in betas])
         _impossible_region(ax)
+        ax.legend(loc="lower right", fontsize=7)
     ax.set_xlabel(f"I(X;Z) [{units}] (points: the runs' estimate)")
     ax.set_ylabel(f"I(Z;Y) [{units}]")
     ax.set_title("IB curve (final epoch; error bars: std over seeds)")
     ax.grid(alpha=0.3)
-    if betas:
-        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -32,3 +32,14 @@ def tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from tensors(v)
+
+
+def through_a_checkpoint(state, tmp_path):
+    """A schedule's `state_dict()` after `torch.save` and `torch.load(weights_only=True)`, checked to hold plain
+    numbers and strings only and to come back equal."""
+    assert all(type(v) in (int, float, str) for v in state.values()), state
+    path = tmp_path / "schedule.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded == state
+    return loaded

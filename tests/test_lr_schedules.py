@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import through_a_checkpoint
 from ib.errors import ConfigError
 from ib.schedules import LR_SCHEDULES, create_lr_schedule, set_lr
 
@@ -20,22 +21,12 @@ def test_every_schedule_has_an_example():
     assert set(LR_EXAMPLES) == set(LR_SCHEDULES.names())  # a new entry needs an example here
 
 
-def _is_plain(value):
-    return type(value) in (int, float, str)
-
-
 @pytest.mark.parametrize("name", sorted(LR_EXAMPLES))
 def test_lr_state_dict_round_trip(name, tmp_path):
     epochs, kwargs = LR_EXAMPLES[name]
     schedule = create_lr_schedule(name, epochs, **kwargs)
     state = schedule.state_dict()
-    assert all(_is_plain(v) for v in state.values()), state
-
-    path = tmp_path / "schedule.pt"
-    torch.save(state, path)
-    loaded = torch.load(path, weights_only=True)
-    assert loaded == state
-
+    loaded = through_a_checkpoint(state, tmp_path)
     restored = create_lr_schedule(name, 3)
     restored.load_state_dict(loaded)
     assert restored.state_dict() == state

@@ -25,6 +25,7 @@ from ib import __version__
 from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ib.engine.build import Run
 from ib.errors import CheckpointError, ConfigError, IBError
+from ib.estimators.base import estimator_labels
 from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, read_json, write_json
 from ib.recipe import Recipe, dump_recipe, recipe_from_dict
 
@@ -140,17 +141,10 @@ def metrics_record(run: Run, row: Mapping[str, float], plane: Mapping[str, float
         "epoch_seconds": list(progress.epoch_seconds),
         "device": str(run.device),
         "processes": run.proc.world_size,
-        "estimator": None if estimator is None else {"name": run.recipe.mi.estimator.name, **estimator_labels(run)},
+        "estimator": (None if estimator is None
+                      else {"name": run.recipe.mi.estimator.name, **estimator_labels(estimator)}),
         "ib_version": __version__,
     }
-
-
-def estimator_labels(run: Run) -> Dict[str, Any]:
-    """What the run's I(X;Z) estimate is, for figures and metrics.json: its estimator's `label` ("" without one) and
-    whether it is an `upper_bound` on I(X;Z) rather than a lower bound."""
-    if run.estimator is None:
-        return {"label": "", "upper_bound": False}
-    return {"label": run.estimator.label, "upper_bound": run.estimator.upper_bound}
 
 
 class RunFolder:
@@ -167,7 +161,7 @@ class RunFolder:
         recipe = run.recipe
         text = dump_recipe(recipe)
         atomic_write(run_dir / "recipe.yaml", lambda f: f.write(text.encode()))
-        labels = estimator_labels(run)
+        labels = estimator_labels(run.estimator)
         self.loggers: List[EpochLogger] = [
             CSVHistory(run_dir / "history.csv", run.progress.epoch),
             TensorBoardLogger(run_dir, run.progress.epoch, units=recipe.monitor.units,

@@ -24,7 +24,7 @@ outputs of +-1e4 give finite losses and gradients.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Any, ClassVar, Dict
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +119,14 @@ class MIEstimator(nn.Module):
                  permutations: int = 10, generator: torch.Generator | None = None) -> float:
         """The reported value on a whole (held-out) set, in nats."""
         raise NotImplementedError
+
+
+def estimator_labels(estimator: "type[MIEstimator] | MIEstimator | None") -> Dict[str, Any]:
+    """What figures and `metrics.json` say of an I(X;Z) estimate: its estimator's (class or instance) `label`, ""
+    without one, and whether it is an `upper_bound` on I(X;Z) rather than a lower bound."""
+    if estimator is None:
+        return {"label": "", "upper_bound": False}
+    return {"label": estimator.label, "upper_bound": estimator.upper_bound}
 
 
 class CriticEstimator(MIEstimator):

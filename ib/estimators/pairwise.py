@@ -20,7 +20,7 @@ one block.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Dict, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -34,32 +34,51 @@ Divergence = Literal["kl", "bhattacharyya"]
 BLOCK_ELEMENTS = 1 << 22  # float64 elements of one [rows, N, K] block (32 MiB)
 
 
-def pairwise_divergence(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: Tensor, kind: Divergence) -> Tensor:
-    """D(p_a, p_b) for every pair of rows, [A, B], in float64; `kind` "kl" (KL(p_a || p_b)) or "bhattacharyya"."""
+def pairwise_divergences(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: Tensor,
+                         kinds: Sequence[Divergence]) -> Dict[str, Tensor]:
+    """Each divergence of `kinds` for every pair of rows, [A, B] each, in float64: "kl" is KL(p_a || p_b),
+    "bhattacharyya" the Bhattacharyya distance. The differences and variances are formed once for all of them."""
     m1, m2 = mean_a.double()[:, None, :], mean_b.double()[None, :, :]  # [A, 1, K], [1, B, K]
     tiny = torch.finfo(torch.float64).tiny
     v1, v2 = std_a.double().square().clamp_min(tiny)[:, None, :], std_b.double().square().clamp_min(tiny)[None, :, :]
     diff2 = (m1 - m2).square()  # [A, B, K]
-    if kind == "kl":
-        return 0.5 * (v1 / v2 + diff2 / v2 - 1.0 + v2.log() - v1.log()).sum(-1)
-    if kind == "bhattacharyya":
-        v = 0.5 * (v1 + v2)
-        return (0.125 * diff2 / v + 0.5 * v.log() - 0.25 * (v1.log() + v2.log())).sum(-1)
-    raise ValueError(f"kind must be 'kl' or 'bhattacharyya', got {kind!r}")
+    out: Dict[str, Tensor] = {}
+    for kind in kinds:
+        if kind == "kl":
+            out[kind] = 0.5 * (v1 / v2 + diff2 / v2 - 1.0 + v2.log() - v1.log()).sum(-1)
+        elif kind == "bhattacharyya":
+            v = 0.5 * (v1 + v2)
+            out[kind] = (0.125 * diff2 / v + 0.5 * v.log() - 0.25 * (v1.log() + v2.log())).sum(-1)
+        else:
+            raise ValueError(f"kind must be 'kl' or 'bhattacharyya', got {kind!r}")
+    return out
 
 
-def pairwise_bound(mean: Tensor, std: Tensor, kind: Divergence) -> float:
-    """-(1/N) sum_i log (1/N) sum_j exp(-D(p_i, p_j)) over the N rows of `mean` and `std` [N, K], in nats: an upper
-    bound on I(X;Z) with `kind` "kl", a lower bound with "bhattacharyya" (X uniform over the N inputs)."""
+def pairwise_divergence(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: Tensor, kind: Divergence) -> Tensor:
+    """D(p_a, p_b) for every pair of rows, [A, B], in float64 (`pairwise_divergences` of one kind)."""
+    return pairwise_divergences(mean_a, std_a, mean_b, std_b, (kind,))[kind]
+
+
+def pairwise_bounds(mean: Tensor, std: Tensor, kinds: Sequence[Divergence] = ("bhattacharyya", "kl")
+                    ) -> Dict[str, float]:
+    """-(1/N) sum_i log (1/N) sum_j exp(-D(p_i, p_j)) over the N rows of `mean` and `std` [N, K], in nats, for each
+    divergence of `kinds` (one pass over the pairs for all): an upper bound on I(X;Z) with "kl", a lower bound with
+    "bhattacharyya" (X uniform over the N inputs)."""
     n, k = mean.shape
     if n < 2:
         raise ValueError(f"pairwise bounds need at least 2 codes, got {n}")
     rows = max(1, BLOCK_ELEMENTS // max(n * k, 1))
-    total = 0.0
+    totals = dict.fromkeys(kinds, 0.0)
     for start in range(0, n, rows):
-        d = pairwise_divergence(mean[start:start + rows], std[start:start + rows], mean, std, kind)  # [rows, N]
-        total += float((torch.logsumexp(-d, dim=1) - math.log(n)).sum())
-    return -total / n
+        blocks = pairwise_divergences(mean[start:start + rows], std[start:start + rows], mean, std, kinds)
+        for kind, d in blocks.items():  # [rows, N]
+            totals[kind] += float((torch.logsumexp(-d, dim=1) - math.log(n)).sum())
+    return {kind: -total / n for kind, total in totals.items()}
+
+
+def pairwise_bound(mean: Tensor, std: Tensor, kind: Divergence) -> float:
+    """`pairwise_bounds` of one divergence."""
+    return pairwise_bounds(mean, std, (kind,))[kind]
 
 
 @ESTIMATORS.register("pairwise_kl")
