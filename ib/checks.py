@@ -58,6 +58,13 @@ def non_negative(name: str, value: Any, *, error: Type[Exception] = ConfigError)
     return float(value)
 
 
+def probability(name: str, value: Any) -> float:
+    """`value` as a float in [0, 1) (a dropout rate); ConfigError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def finite(name: str, value: Any) -> float:
     """`value` as a float: an int or float, finite; ConfigError otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -53,6 +53,7 @@ def fused_minimax_objective(
     *,
     forward: Optional[Callable[[Tensor], Tuple[Code, Tensor]]] = None,
     critic_loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    label_smoothing: float = 0.0,
 ) -> Dict[str, Tensor]:
     """Both players' losses from ONE forward of the critic, for one backward pass.
 
@@ -74,7 +75,7 @@ def fused_minimax_objective(
         {"objective" (to backpropagate), "loss" (CE + beta * S, the encoder's loss), "ce", "mi" (S), "logits", "beta"}
     """
     code, logits = forward(x) if forward is not None else encode_decode(model, x)  # z [B, K], logits [B, classes]
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     critic_loss = (critic_loss_fn or estimator.loss)(x, reverse_grad(code.z, beta))
     bound = -critic_loss.detach()
     return {"objective": ce + critic_loss, "loss": ce.detach() + beta * bound, "ce": ce, "mi": bound,
@@ -107,6 +108,7 @@ def ib_objective(
     beta: float,
     code: Code | None = None,
     logits: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Dict[str, Tensor]:
     """The encoder's loss on one batch, with its terms named so that logging never recomputes them.
 
@@ -118,13 +120,14 @@ def ib_objective(
         model: the classifier. estimator: the I(X;Z) bound, or None for plain cross-entropy.
         x: inputs in [0, 1] [B, C, H, W]. y: labels [B].
         beta: weight of I(X;Z). code: a code already sampled for x (else sampled here), and maybe its logits.
+        label_smoothing: of the cross-entropy (0 for none); "ce" is then the smoothed loss.
 
     Returns:
         {"loss", "ce", "mi" (the penalty, NaN when skipped), "logits" [B, classes], "beta"}.
     """
     code = model.encode(x) if code is None else code
     logits = model.decode(code.z) if logits is None else logits  # [B, classes]
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     if estimator is not None and beta > 0:
         with frozen(estimator):
             mi = estimator.penalty(x, code.z, code)

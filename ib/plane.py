@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ib import distributed
 from ib.estimators import MIEstimator, gaussian_kl
-from ib.estimators.pairwise import pairwise_bounds
+from ib.estimators.pairwise import PairwiseKL, pairwise_bounds
 from ib.models.bottlenecks import Code
 from ib.models.classifier import IBClassifier
 from ib.modes import evaluating
@@ -90,7 +90,9 @@ def information_plane(
                 band = pairwise_bounds(mean, std)  # one pass over the pairs for both ends
                 out["I_XZ_pairwise_upper"], out["I_XZ_pairwise_lower"] = band["kl"], band["bhattacharyya"]
                 out["I_XZ_ceiling"] = math.log(n)
-        if estimator is not None and n >= 2:
+        if isinstance(estimator, PairwiseKL) and not math.isnan(out["I_XZ_pairwise_upper"]):
+            out["I_XZ"] = out["I_XZ_pairwise_upper"]  # its estimate is the band's upper end, already computed
+        elif estimator is not None and n >= 2:
             g = torch.Generator().manual_seed(seed)
             out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,
                                              permutations=permutations, generator=g)

@@ -86,6 +86,9 @@ class MIConfig:
                          "ascent, the encoder's gradient taken at the critic before its update); false: the critic "
                          "steps first on detached z, then the encoder meets the updated critic (always so when "
                          "critic_steps > 1, and for jsd/smile, whose critic loss is not minus their penalty)")
+    adaptive_clip: bool = setting(False, "MINE's adaptive gradient clipping (Belghazi et al. 2018, sec. 3.1): the "
+                                  "encoder's gradient of beta * penalty scaled to at most the norm of the "
+                                  "cross-entropy's; runs the two-pass step (one more backward pass), one process")
     eval_permutations: int = setting(10, "shuffled pairings per sample for the held-out estimate", ge=1, le=1000)
 
 
@@ -172,6 +175,8 @@ class Recipe:
     epochs: int = setting(10, "training epochs", ge=1, le=1_000_000)
     beta: float = setting(1e-3, "weight of I(X;Z) in loss = CE + beta * I(X;Z) (the schedule's target)", ge=0.0)
     beta_schedule: Component = component("constant", "beta schedule", "how beta reaches its value, in steps")
+    label_smoothing: float = setting(0.0, "label smoothing of the training cross-entropy (Szegedy et al. 2016; the "
+                                     "classic regulariser the IB rows are compared with); 0 for none", ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA where present, else CPU")
     precision: Precision = setting(
         "fp32", "bf16: training forward passes under torch.autocast(bfloat16) (weights, optimiser states, the code, "

@@ -1,4 +1,5 @@
 """The MI benchmark's smoke run: it trains every estimator a few steps and writes its markdown report."""
+import csv
 import importlib.util
 import math
 import re
@@ -10,6 +11,7 @@ import torch
 
 from ib.models.critics import CRITICS
 from ib.recipe import load_recipe
+from ib.sweep import run_name
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -151,3 +153,27 @@ def test_digits_band_smoke_writes_the_table(tmp_path):
         lower, upper, ceiling = (float(c) for c in r[3:6])
         assert 0.0 <= lower <= upper <= ceiling + 1e-3 and ceiling == pytest.approx(math.log(143), abs=1e-3)
     assert (out.parent / "digits_band_mine.csv").is_file()
+
+
+def test_ib_table_smoke_chooses_beta_on_validation_and_writes_the_table(tmp_path):
+    """A one-epoch digits version of benchmarks/ib_table.py with two rows: the fixed beta = 0 row at both seeds, the
+    VIB row swept at the first seed and its best-validation beta trained at the second, each with its evaluation."""
+    bench = _load("ib_table")
+    out = tmp_path / "results" / "ib_table.md"
+    out.parent.mkdir()
+    small = ["model.encoder.hidden=[16]", "model.bottleneck.z_dim=4", "model.eval_samples=2", "beta_schedule.delay=0",
+             "monitor.plane_figure=false"]
+    bench.main(["--datasets", "digits", "--rows", "beta_0,vib", "--seeds", "0,1", "--epochs", "1",
+                "--work", str(tmp_path / "work"), "--out", str(out), "--", *small])
+    runs = list(csv.DictReader((out.parent / "ib_table_runs.csv").open()))
+    assert [(r["row"], r["seed"]) for r in runs] == [("beta = 0", "0"), ("beta = 0", "1"), ("VIB", "0"), ("VIB", "1")]
+    sweep = list(csv.DictReader((tmp_path / "work" / "digits" / "vib" / "sweep.csv").open()))
+    val = {float(r["beta"]): float(r["val_accuracy"]) for r in sweep if r["seed"] == "0"}
+    assert len(val) == 4 and float(runs[2]["beta"]) == max(sorted(val), key=val.get)  # chosen on validation
+    for r in runs:
+        assert 0.0 <= float(r["test_error"]) <= 1.0 and float(r["ece"]) >= 0.0
+        assert float(r["pgd20_eps_0.1"]) <= float(r["pgd20_eps_0"])  # PGD keeps the clean prediction if it must
+        assert float(r["I_XZ_pairwise_lower"]) <= float(r["I_XZ_pairwise_upper"]) <= math.log(143) + 1e-9
+    table = out.read_text()
+    assert "| beta = 0 | 0 | 2 |" in table and "## digits" in table
+    assert (tmp_path / "work" / "digits" / "vib" / run_name(float(runs[3]["beta"]), 1) / "table_eval.json").is_file()

@@ -243,7 +243,7 @@ def test_build_classifier_rejects_unknown_names_and_settings():
     args = ((1, 8, 8), 10, (0.5,), (0.5,))
     with pytest.raises(ConfigError, match="valid: additive, deterministic, gaussian, propagated"):
         build_classifier("mlp", {}, "nope", {}, *args)
-    with pytest.raises(ConfigError, match="unknown option 'widht' for encoder 'mlp'; valid: activation, hidden"):
+    with pytest.raises(ConfigError, match="unknown option 'widht' for encoder 'mlp'; valid: activation, dropout, hidden"):
         build_classifier("mlp", {"widht": 3}, "deterministic", {}, *args)
     with pytest.raises(ConfigError, match="unknown options 'a', 'zdim' for bottleneck 'gaussian'; valid: std_offset"):
         build_classifier("mlp", {}, "gaussian", {"zdim": 3, "a": 1}, *args)
@@ -342,3 +342,20 @@ def test_factory_convention(registry, name):
         assert p.name in hints and _allowed(hints[p.name]), f"{name}.{p.name}: {hints.get(p.name)}"
         assert _conforms(p.default, hints[p.name]), f"{name}.{p.name} default {p.default!r}"
     assert set(registry.options(name)) == {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def test_mlp_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    enc = ENCODERS.create("mlp", (1, 4, 4), hidden=(64,), dropout=0.5)
+    x = torch.rand(8, 1, 4, 4)
+    plain = torch.relu(enc.net[0](x.flatten(1)))  # [8, 64]: the layer without dropout
+    enc.train()
+    dropped = enc(x)
+    zeroed = (dropped == 0) & (plain > 0)
+    assert 0.3 < zeroed.float().sum() / (plain > 0).float().sum() < 0.7  # about half the active units dropped
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], 2 * plain[kept])  # the survivors scaled by 1 / (1 - p)
+    enc.eval()
+    torch.testing.assert_close(enc(x), plain)
+    with pytest.raises(ConfigError, match="dropout"):
+        ENCODERS.create("mlp", (1, 4, 4), dropout=1.0)

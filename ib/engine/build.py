@@ -266,6 +266,9 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
     if d.batch_size // proc.world_size < 2 and recipe.mi.enabled:
         raise ConfigError(f"data.batch_size={d.batch_size} leaves fewer than 2 samples per process "
                           f"({proc.world_size} processes)")
+    if proc.distributed and recipe.mi.adaptive_clip:
+        raise ConfigError("mi.adaptive_clip takes the two gradients apart outside DistributedDataParallel's "
+                          "backward: it runs in one process only (drop torchrun, or set mi.adaptive_clip=false)")
     first = proc.local_rank == 0  # under torchrun: one process per machine loads (maybe downloads) first
     if not first:
         distributed.barrier()

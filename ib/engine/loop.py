@@ -29,12 +29,15 @@ from ib.engine.build import Run, build_run
 from ib.engine.run_dir import RunFolder, check_run_dir, metrics_record, prepare_run_dir, record_failure
 from ib.engine.step import StepStats, TrainingError, train_step
 from ib.errors import CheckpointError
+from ib.estimators.pairwise import PairwiseKL
 from ib.models.classifier import IBClassifier
 from ib.modes import evaluating
 from ib.monitor import read_json, write_json
 from ib.plane import information_plane, to_units
 from ib.recipe import Recipe
 from ib.schedules import set_lr
+
+SATURATION_NATS = 0.01  # a pairwise_kl penalty within this of log B counts as saturated
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,7 @@ def train_epochs(run: Run, folder: Optional[RunFolder], stop: "StopFlag",
         test = final or bool(r.monitor.test_every and epoch % r.monitor.test_every == 0)
         progress.count_faults()
         row = train_summary(run)
+        _warn_if_saturated(run, row, warned, epoch)
         plane = add_evaluation(row, run, probe, epoch, started=t0, test=test, warned=warned)
         improved = end_epoch(run, epoch, row)
         if folder is not None:
@@ -187,7 +191,8 @@ def train_one_epoch(run: Run, loader: BatchLoader, stats: StepStats, *, step: in
         out = train_step(run.model, run.estimator, run.optimizer, run.critic_optimizer, x, y, beta,
                          critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip,
                          critic_grad_clip=r.mi.optimizer.grad_clip, fused=r.mi.fused, replicas=run.replicas,
-                         precision=r.precision)
+                         precision=r.precision, label_smoothing=r.label_smoothing,
+                         adaptive_clip=r.mi.adaptive_clip)
         step += 1
         if bool(out["finite"]):
             stats.add(out, y.shape[0])
@@ -388,6 +393,21 @@ def _stopping(stop: StopFlag, device: torch.device) -> bool:
     if distributed.any_true(bool(stop), device):
         stop.signal = stop.signal or signal.SIGTERM
     return bool(stop)
+
+
+def _warn_if_saturated(run: Run, row: Row, warned: Set[Any], epoch: int) -> None:
+    """Say once per run when the pairwise KL penalty sat at its ceiling log B all epoch: every pair of codes in a
+    batch is then far apart, exp(-KL) ~ 0, and the penalty has almost no gradient, whatever beta."""
+    if not isinstance(run.estimator, PairwiseKL) or row["beta"] <= 0 or "saturated" in warned:
+        return
+    ceiling = math.log(run.recipe.data.batch_size)  # the bound of the (global) batch is at most log B
+    penalty = row.get("mi/I_XZ_train", math.nan) * (math.log(2.0) if run.recipe.monitor.units == "bits" else 1.0)
+    if penalty >= ceiling - SATURATION_NATS:
+        warned.add("saturated")
+        log.warning("epoch %d: the pairwise_kl penalty sits at its ceiling log B = %.3f nats: every pair of codes "
+                    "is far apart and the penalty has almost no gradient. Start the code's noise on the scale of its "
+                    "spread (model.bottleneck.std_offset=0) with beta from the first step (beta_schedule.delay=0), "
+                    "or raise beta (docs/estimators.md)", epoch, ceiling)
 
 
 def _log_once(caught: List[warnings.WarningMessage], warned: Set[Any], epoch: int) -> None:

@@ -173,6 +173,8 @@ def train_step(
     fused: bool = False,
     replicas: Optional[Replicas] = None,
     precision: Precision = "fp32",
+    label_smoothing: float = 0.0,
+    adaptive_clip: bool = False,
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
@@ -189,12 +191,14 @@ def train_step(
     encoder's is not finite. Finiteness is checked with one device sync per update (and, under torchrun, agreed
     by all processes). `grad_clip` and `critic_grad_clip` cap the norms of the encoder's (with the decoder's) and
     of the critic's gradients. `replicas`: the DistributedDataParallel wrappers to run the forward passes through,
-    under torchrun. `precision`: "fp32" or "bf16" (the forward passes under `autocast`).
+    under torchrun. `precision`: "fp32" or "bf16" (the forward passes under `autocast`). `label_smoothing`: of the
+    cross-entropy, 0 for none. `adaptive_clip`: MINE's adaptive gradient clipping (`adaptive_clipped_backward`),
+    in the two-pass step.
     """
-    if (fused and estimator is not None and critic_optimizer is not None and critic_steps == 1
+    if (fused and not adaptive_clip and estimator is not None and critic_optimizer is not None and critic_steps == 1
             and estimator.loss_is_minus_penalty):  # jsd/smile: the critic's loss is not -penalty
         return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, critic_grad_clip,
-                           replicas, precision)
+                           replicas, precision, label_smoothing)
     with autocast(x.device, precision):  # z [B, K], sampled once for both players
         code, logits = replicas.forward(x) if replicas is not None else (model.encode(x), None)
     mi_bound = torch.full((), math.nan)
@@ -204,11 +208,14 @@ def train_step(
                                replicas.critic_loss if replicas is not None else None, precision, critic_grad_clip)
         checks.append(mi_bound)  # NaN when the critic's update was not finite
     with autocast(x.device, precision):
-        out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits)
+        out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits, label_smoothing=label_smoothing)
     if estimator is not None and critic_optimizer is None:  # critic-free (vib_kl): report its own bound
         mi_bound = out["mi"].detach() if beta > 0 else _penalty_value(estimator, x, code)
     optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
+    if adaptive_clip and estimator is not None and beta > 0:
+        adaptive_clipped_backward(model, out["ce"], beta * out["mi"])
+    else:
+        out["loss"].backward()
     checks += _clipped_or_grads([p for p in model.parameters() if p.grad is not None], grad_clip)
     finite = distributed.all_true(_all_finite([out["loss"], *checks]), x.device)
     if finite:
@@ -218,6 +225,26 @@ def train_step(
     correct = (out["logits"].detach().argmax(1) == y).sum()
     return {"loss": out["loss"].detach(), "ce": out["ce"].detach(), "mi_bound": mi_bound.to(x.device),
             "correct": correct, "finite": torch.tensor(finite)}
+
+
+def adaptive_clipped_backward(model: nn.Module, main: Tensor, penalty: Tensor) -> None:
+    """MINE's adaptive gradient clipping (Belghazi et al. 2018, sec. 3.1) into the parameters' `.grad`:
+
+        g = g_u + min(||g_u||, ||g_m||) * g_m / ||g_m||,
+
+    with g_u the gradient of the main loss (cross-entropy) and g_m that of the weighted penalty (beta * I), norms
+    over all of `model`'s parameters: the penalty may steer the encoder but never outweigh the task."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_u = torch.autograd.grad(main, params, retain_graph=True, allow_unused=True)
+    g_m = torch.autograd.grad(penalty, params, allow_unused=True)
+    zeros = [torch.zeros_like(p) for p in params]
+    g_u = [z if g is None else g for g, z in zip(g_u, zeros)]
+    g_m = [z if g is None else g for g, z in zip(g_m, zeros)]
+    norm_u, norm_m = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_u])), \
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_m]))
+    scale = torch.where(norm_m > norm_u, norm_u / norm_m, torch.ones_like(norm_m))  # min(|g_u|, |g_m|) / |g_m|
+    for p, gu, gm in zip(params, g_u, g_m):
+        p.grad = gu + scale * gm
 
 
 @torch.no_grad()
@@ -236,12 +263,13 @@ def _clipped_or_grads(params: List[Tensor], max_norm: Optional[float]) -> List[T
 def _fused_step(model: IBClassifier, estimator: MIEstimator, optimizer: torch.optim.Optimizer,
                 critic_optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, beta: float,
                 grad_clip: Optional[float], critic_grad_clip: Optional[float], replicas: Optional[Replicas],
-                precision: Precision) -> Dict[str, Tensor]:
+                precision: Precision, label_smoothing: float) -> Dict[str, Tensor]:
     saved = [b.detach().clone() for b in estimator.buffers()]  # running statistics before this update
     with autocast(x.device, precision):
         out = fused_minimax_objective(model, estimator, x, y, beta,
                                       forward=replicas.forward if replicas is not None else None,
-                                      critic_loss_fn=replicas.critic_loss if replicas is not None else None)
+                                      critic_loss_fn=replicas.critic_loss if replicas is not None else None,
+                                      label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     critic_optimizer.zero_grad(set_to_none=True)
     out["objective"].backward()

@@ -43,6 +43,8 @@ class MLP(nn.Sequential):
         hidden: Widths of the activated layers; empty for none.
         activation: Name of the activation.
         out_features: Width of a last, linear layer; None for no such layer.
+        dropout: Probability of dropping each activated unit in training (nn.Dropout after each activation); 0 for
+            none.
     """
 
     def __init__(
@@ -51,11 +53,14 @@ class MLP(nn.Sequential):
         hidden: Sequence[int],
         activation: str = "relu",
         out_features: Optional[int] = None,
+        dropout: float = 0.0,
     ) -> None:
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
             layers += [nn.Linear(width, h), make_activation(activation)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             width = h
         if out_features is not None:
             layers.append(nn.Linear(width, out_features))
@@ -67,9 +72,9 @@ class MLP(nn.Sequential):
 class MLPEncoder(nn.Module):
     """Flattens the input and applies an `MLP`: the 784-1024-1024 ReLU encoder of the MNIST experiments."""
 
-    def __init__(self, in_shape: Sequence[int], hidden: Sequence[int], activation: str) -> None:
+    def __init__(self, in_shape: Sequence[int], hidden: Sequence[int], activation: str, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = MLP(math.prod(in_shape), hidden, activation)
+        self.net = MLP(math.prod(in_shape), hidden, activation, dropout=dropout)
         self.out_features = self.net.out_features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,6 +179,7 @@ def mlp(
     *,
     hidden: tuple[int, ...] = (1024, 1024),
     activation: Activation = "relu",
+    dropout: float = 0.0,
 ) -> nn.Module:
     """Flatten, then Linear + activation per hidden width (the MNIST setup is 784-1024-1024 ReLU).
 
@@ -181,10 +187,13 @@ def mlp(
         in_shape: Shape of one input, without the batch dimension.
         hidden: Widths of the layers; empty for the flattened input itself.
         activation: Activation after each layer.
+        dropout: Dropout probability after each activation, in training only (the classic regulariser of the
+            MNIST comparisons; 0 for none).
     """
     hidden = checks.widths("hidden", hidden)
     checks.choice("activation", activation, get_args(Activation))
-    return MLPEncoder(in_shape, hidden, activation)
+    dropout = checks.probability("dropout", dropout)
+    return MLPEncoder(in_shape, hidden, activation, dropout)
 
 
 @ENCODERS.register()

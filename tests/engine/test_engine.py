@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tensors
 
 import ib.engine.loop
@@ -165,16 +166,21 @@ def test_minimax_directions():
     assert bound() < trained - 0.3, (trained, bound())  # the encoder minimises
 
 
-def test_fused_step_gives_the_two_pass_gradients():
-    """One critic forward with gradient reversal == critic step on detached z + encoder step, at the same state."""
-    from ib.objectives import fused_minimax_objective
-
+def _tiny_mine_setup():
+    """A deterministic 16-4 classifier of 3 classes, a noiseless MINE critic and a batch of 32, seeded."""
     torch.manual_seed(0)
     model = build_classifier("mlp", {"hidden": (16,)}, "deterministic", {"z_dim": 4}, in_shape=(1, 4, 4),
                              num_classes=3, mean=(0.5,), std=(0.25,))
     critic = CRITICS.create("joint", (1, 4, 4), 4, hidden=(16,), input_noise=0.0, hidden_noise=0.0)
     estimator = ESTIMATORS.create("mine", critic, ema_rate=0.3)
-    x, y = torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    return model, estimator, torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))
+
+
+def test_fused_step_gives_the_two_pass_gradients():
+    """One critic forward with gradient reversal == critic step on detached z + encoder step, at the same state."""
+    from ib.objectives import fused_minimax_objective
+
+    model, estimator, x, y = _tiny_mine_setup()
     estimator.loss(x, model.encode(x).z.detach())  # start the moving average
     model2, estimator2 = copy.deepcopy(model), copy.deepcopy(estimator)
     beta = 0.5
@@ -499,3 +505,87 @@ def test_the_probe_set_holds_every_class_of_a_validation_split_in_class_order():
     counts = torch.bincount(probe.y, minlength=10)
     assert len(probe.y) == 200 and (counts >= 8).all(), counts  # ~20 each
     assert torch.equal(probe_set(run).y, probe.y)  # the same probe every epoch
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_train_step_smooths_the_labels(fused):
+    """`label_smoothing` e reaches the cross-entropy of both step forms: with a deterministic code the reported ce is
+    (1 - e) CE + e * mean over classes of -log p, taken of the logits before the step."""
+    model, estimator, x, y = _tiny_mine_setup()
+    with torch.no_grad():
+        logp = torch.log_softmax(model.decode(model.encode(x).z), dim=1)  # [B, 3]
+    e = 0.3
+    expected = ((1 - e) * -logp.gather(1, y[:, None]).squeeze(1) + e * -logp.mean(1)).mean()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    critic_opt = torch.optim.SGD(estimator.parameters(), lr=0.1)
+    out = train_step(model, estimator, opt, critic_opt, x, y, 0.1, fused=fused, label_smoothing=e)
+    torch.testing.assert_close(out["ce"], expected)
+
+
+def test_recipe_label_smoothing_and_dropout(tmp_path):
+    """The recipe's `label_smoothing` and the MLP's `dropout` train end to end; bad values are refused on load."""
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        load_recipe(DIGITS, ["label_smoothing=1.0"])
+    with pytest.raises(ConfigError, match="dropout"):
+        build_run(load_recipe(DIGITS, ["model.encoder.dropout=1.5"]))
+    m = fit(load_recipe(DIGITS, ["epochs=1", *SMALL, "label_smoothing=0.1", "model.encoder.dropout=0.2"]),
+            tmp_path / "run")
+    assert m["status"] == "completed" and m["test_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("weight", [1e-3, 1e3])
+def test_adaptive_clipping_scales_the_penalty_to_the_task(weight):
+    """g = g_u + min(|g_u|, |g_m|) g_m / |g_m| (MINE, sec. 3.1), against the two gradients taken by hand: a small
+    penalty's gradient passes as it is, a large one is scaled down to the cross-entropy's norm."""
+    from ib.engine.step import adaptive_clipped_backward
+
+    torch.manual_seed(0)
+    model = build_classifier("mlp", {"hidden": (8,)}, "gaussian", {"z_dim": 3}, in_shape=(1, 2, 2), num_classes=2,
+                             mean=(0.5,), std=(0.25,))
+    x, y = torch.rand(16, 1, 2, 2), torch.randint(0, 2, (16,))
+
+    def terms():
+        torch.manual_seed(1)
+        code = model.encode(x)
+        return F.cross_entropy(model.decode(code.z), y), weight * code.z.square().sum(1).mean()
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    ce, pen = terms()
+    g_u = grads(ce)
+    g_m = grads(terms()[1])
+    norm = lambda gs: float(torch.sqrt(sum(g.square().sum() for g in gs)))  # noqa: E731
+    scale = min(norm(g_u), norm(g_m)) / norm(g_m)
+    assert (scale == 1.0) == (weight < 1)  # the two cases the parametrisation means to cover
+    model.zero_grad(set_to_none=True)
+    adaptive_clipped_backward(model, *terms())
+    for p, a, b in zip(model.parameters(), g_u, g_m):
+        torch.testing.assert_close(p.grad, a + scale * b)
+
+
+def test_train_step_with_adaptive_clipping_bounds_the_encoders_update():
+    """At a huge beta the penalty's gradient dwarfs the task's; clipped, one SGD step (lr 1) moves the weights by
+    at most |g_u| + min(|g_u|, |g_m|) <= 2 |g_u|, fused or not (clipping runs the two-pass step)."""
+    torch.manual_seed(0)
+    base = build_classifier("mlp", {"hidden": (8,)}, "gaussian", {"z_dim": 3}, in_shape=(1, 2, 2), num_classes=2,
+                            mean=(0.5,), std=(0.25,))
+    x, y = torch.rand(16, 1, 2, 2), torch.randint(0, 2, (16,))
+    vib = ESTIMATORS.create("vib_kl", "gaussian")
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    ce = F.cross_entropy(model.decode(model.encode(x).z), y)
+    ce.backward()
+    g_u = float(torch.sqrt(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None)))
+    moved = {}
+    for clip in (False, True):
+        model = copy.deepcopy(base)
+        before = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(1)
+        train_step(model, vib, torch.optim.SGD(model.parameters(), lr=1.0), None, x, y, 1e4, fused=True,
+                   adaptive_clip=clip)
+        moved[clip] = float(torch.sqrt(sum((p.detach() - b).square().sum() for p, b in zip(model.parameters(),
+                                                                                             before))))
+    assert moved[True] <= 2 * g_u * (1 + 1e-5) and moved[False] > 100 * g_u, (moved, g_u)
