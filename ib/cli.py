@@ -117,8 +117,13 @@ def _train(args: argparse.Namespace) -> int:
     if metrics["status"] == "stopped":
         log.info("stopped after epoch %d as asked; continue with: ib train --resume %s", metrics["epochs"], run_dir)
         return 0
-    log.info("done: test accuracy %.4f, I(X;Z) %.3f nats, %.1f s; run folder %s", _number(metrics["test_accuracy"]),
-             _number(metrics["I_XZ_nats"]), metrics["train_seconds"], run_dir)
+    from ib.plane import describe_xz
+
+    xz = describe_xz(*(_number(metrics.get(k)) for k in ("I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper",
+                                                         "I_ZY")),
+                     (metrics.get("estimator") or {}).get("label", "estimate"), metrics.get("units", "nats"))
+    log.info("done: test accuracy %.4f, %s, %.1f s; run folder %s", _number(metrics["test_accuracy"]), xz,
+             metrics["train_seconds"], run_dir)
     return 0
 
 
@@ -131,9 +136,12 @@ def _sweep(args: argparse.Namespace) -> int:
                      nproc_per_node=args.nproc_per_node)
     if any(r["status"] != "completed" for r in rows):
         return EXIT_INTERRUPTED
+    from ib.plane import describe_xz
+
     for r in rows:
-        log.info("%-24s test accuracy %.4f  I(X;Z) %.3f  I(Z;Y) %.3f %s", r["run"], _number(r["test_accuracy"]),
-                 _number(r["I_XZ"]), _number(r["I_ZY"]), r["units"])
+        xz = describe_xz(*(_number(r.get(k)) for k in ("I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper", "I_ZY")))
+        log.info("%-24s test accuracy %.4f  %s  I(Z;Y) %.3f %s", r["run"], _number(r["test_accuracy"]), xz,
+                 _number(r["I_ZY"]), r["units"])
     return 0
 
 

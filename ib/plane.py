@@ -35,6 +35,25 @@ def to_units(nats: float, units: Units) -> float:
     return nats / math.log(2.0) if units == "bits" else nats
 
 
+def describe_xz(estimate: float, lower: float, upper: float, zy: float, label: str = "estimate",
+                units: str = "") -> str:
+    """What the plane says of I(X;Z), for a log line: the pairwise band with its lower end raised to the
+    data-processing floor I(Z;Y) ("I(X;Z) in [2.213, 4.963]"), or the floor alone without a band
+    ("I(X;Z) >= 2.213"), followed by the estimator's own figure, which may lie outside ("(MINE 0.176)").
+    NaN figures (no band, no estimator, no floor) are left out; `units`, when given, follows the plane's figures."""
+    finite = [math.isfinite(v) for v in (estimate, lower, upper, zy)]
+    if finite[1] and finite[2]:
+        text = f"I(X;Z) in [{max(lower, zy) if finite[3] else lower:.3f}, {upper:.3f}]"
+    elif finite[3]:
+        text = f"I(X;Z) >= {zy:.3f}"
+    else:
+        text = "I(X;Z)"
+    text += f" {units}" if units and text != "I(X;Z)" else ""
+    if finite[0] and not (finite[2] and estimate == upper):  # pairwise_kl's estimate is the band's upper end
+        text += f" ({label} {estimate:.3f})"
+    return text
+
+
 def entropy(counts: Tensor) -> float:
     """The entropy in nats of the distribution proportional to `counts`."""
     p = counts / counts.sum().clamp_min(1)

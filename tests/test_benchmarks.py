@@ -177,3 +177,14 @@ def test_ib_table_smoke_chooses_beta_on_validation_and_writes_the_table(tmp_path
     table = out.read_text()
     assert "| beta = 0 | 0 | 2 |" in table and "## digits" in table
     assert (tmp_path / "work" / "digits" / "vib" / run_name(float(runs[3]["beta"]), 1) / "table_eval.json").is_file()
+
+
+def test_band_cost_smoke_agrees_with_the_plain_formulation(tmp_path):
+    """benchmarks/band_cost.py at tiny sizes: the fast band equals the term-by-term reference to float64 rounding
+    (both sit at the ceiling log N here, with sums of O(K) terms of size O(1e5): differences of order 1e-10 at most)."""
+    bench = _load("band_cost")
+    out = tmp_path / "band_cost.md"
+    bench.main(["--sizes", "40,90", "--plain-up-to", "40", "--k", "16", "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if re.match(r"\| \d", line)]
+    assert [r[0].strip() for r in rows] == ["40", "90"]
+    assert float(rows[0][5]) < 1e-9 and rows[1][3].strip() == "-"

@@ -250,3 +250,16 @@ def test_ib_plane_reads_the_estimator_from_the_recipe_of_an_older_run(digits_run
     assert main(["plane", str(run)]) == 0 and (run / "plane.png").is_file()
     (run / "recipe.yaml").write_text("not: [a recipe")
     assert saved_estimator_labels(run) == {}
+
+
+def test_the_log_line_states_the_plane_never_an_estimate_below_the_floor():
+    """The printed I(X;Z) is the band with its lower end raised to I(Z;Y) (or the floor alone); the critic's figure
+    follows in parentheses under its own name, wherever it lies."""
+    from ib.plane import describe_xz
+
+    assert describe_xz(0.176, 4.963, 4.963, 2.213, "MINE") == "I(X;Z) in [4.963, 4.963] (MINE 0.176)"
+    assert describe_xz(2.5, 1.201, 2.775, 1.363, "MINE") == "I(X;Z) in [1.363, 2.775] (MINE 2.500)"
+    assert describe_xz(2.752, 2.431, 2.752, 2.198, "pairwise KL bound") == "I(X;Z) in [2.431, 2.752]"
+    assert describe_xz(0.9, math.nan, math.nan, 1.5, "MINE") == "I(X;Z) >= 1.500 (MINE 0.900)"
+    assert describe_xz(math.nan, 3.0, 4.0, 2.0) == "I(X;Z) in [3.000, 4.000]"
+    assert describe_xz(0.5, 3.0, 4.0, 2.0, "MINE", "bits") == "I(X;Z) in [3.000, 4.000] bits (MINE 0.500)"

@@ -33,7 +33,7 @@ from ib.estimators.pairwise import PairwiseKL
 from ib.models.classifier import IBClassifier
 from ib.modes import evaluating
 from ib.monitor import read_json, write_json
-from ib.plane import information_plane, to_units
+from ib.plane import describe_xz, information_plane, to_units
 from ib.recipe import Recipe
 from ib.schedules import set_lr
 
@@ -273,11 +273,12 @@ def _log_epoch(run: Run, epoch: int, row: Row) -> None:
     r = run.recipe
     val_acc = row.get("acc/val_sampled" if r.model.eval_samples else "acc/val", math.nan)
     test_acc = row.get("acc/test_sampled", row.get("acc/test"))
-    lower, upper = row["mi/I_XZ_pairwise_lower"], row["mi/I_XZ_pairwise_upper"]
-    band = f", band [{lower:.3f}, {upper:.3f}]" if math.isfinite(lower) and math.isfinite(upper) else ""
+    label = run.estimator.label if run.estimator is not None else "estimate"
+    xz = describe_xz(row["mi/I_XZ"], row["mi/I_XZ_pairwise_lower"], row["mi/I_XZ_pairwise_upper"], row["mi/I_ZY"],
+                     label)
     (log.info if run.proc.is_main else log.debug)(
-        "epoch %d/%d  loss %.4f  ce %.4f  I(X;Z) %.3f%s  I(Z;Y) %.3f %s  val %.4f%s  beta %.3g  %.1fs",
-        epoch, r.epochs, row["loss/total"], row["loss/ce"], row["mi/I_XZ"], band, row["mi/I_ZY"], r.monitor.units,
+        "epoch %d/%d  loss %.4f  ce %.4f  %s  I(Z;Y) %.3f %s  val %.4f%s  beta %.3g  %.1fs",
+        epoch, r.epochs, row["loss/total"], row["loss/ce"], xz, row["mi/I_ZY"], r.monitor.units,
         val_acc, "" if test_acc is None else f"  test {test_acc:.4f}", row["beta"], row["time/epoch_s"],
     )
 
