@@ -64,7 +64,7 @@ def test_tiny_noise_and_a_wide_spread_stay_exact_and_blocks_do_not_matter(monkey
     assert 0.0 < whole < math.log(40)
     d01 = float(pairwise_divergence(mean[:1], std[:1], mean[1:2], std[1:2], "kl"))
     assert d01 == pytest.approx(0.5 * 16 * (1e-3 / 1e-3) ** 2, rel=1e-3)  # float32 inputs: (1e-3 + rounding)^2
-    monkeypatch.setattr(pairwise, "BLOCK_ELEMENTS", 16 * 40 * 3)  # 3 rows a block
+    monkeypatch.setattr(pairwise, "BLOCK_ELEMENTS", 16 * 40 * 3)  # blocks of 8 rows and 15 columns
     assert pairwise_bound(mean, std, "kl") == pytest.approx(whole, rel=1e-12)
 
 

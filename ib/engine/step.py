@@ -240,11 +240,15 @@ def adaptive_clipped_backward(model: nn.Module, main: Tensor, penalty: Tensor) -
     zeros = [torch.zeros_like(p) for p in params]
     g_u = [z if g is None else g for g, z in zip(g_u, zeros)]
     g_m = [z if g is None else g for g, z in zip(g_m, zeros)]
-    norm_u, norm_m = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_u])), \
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_m]))
+    norm_u, norm_m = _global_norm(g_u), _global_norm(g_m)
     scale = torch.where(norm_m > norm_u, norm_u / norm_m, torch.ones_like(norm_m))  # min(|g_u|, |g_m|) / |g_m|
     for p, gu, gm in zip(params, g_u, g_m):
         p.grad = gu + scale * gm
+
+
+def _global_norm(grads: List[Tensor]) -> Tensor:
+    """The L2 norm of all `grads` taken together, as clip_grad_norm_ measures it."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 @torch.no_grad()

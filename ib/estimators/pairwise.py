@@ -31,7 +31,8 @@ from ib.estimators.vib import GaussianCodeBound, gaussian_code
 from ib.models.bottlenecks import Code
 
 Divergence = Literal["kl", "bhattacharyya"]
-BLOCK_ELEMENTS = 1 << 16  # float64 elements of one [rows, N, K] block, at least one row (its passes stay in cache)
+BLOCK_ELEMENTS = 1 << 17  # float64 elements of one [rows, cols, K] block (1 MiB: its passes stay in cache)
+BLOCK_ROWS = 8  # rows of a block at least (the columns are then split)
 
 
 def pairwise_divergences(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: Tensor,
@@ -78,11 +79,18 @@ def pairwise_bounds(mean: Tensor, std: Tensor, kinds: Sequence[Divergence] = ("b
     n, k = mean.shape
     if n < 2:
         raise ValueError(f"pairwise bounds need at least 2 codes, got {n}")
-    rows = max(1, BLOCK_ELEMENTS // max(n * k, 1))
+    rows = max(BLOCK_ROWS, BLOCK_ELEMENTS // max(n * k, 1))  # several whole rows of pairs when they fit
+    cols = max(1, BLOCK_ELEMENTS // (rows * k))
     totals = dict.fromkeys(kinds, 0.0)
     for start in range(0, n, rows):
-        blocks = pairwise_divergences(mean[start:start + rows], std[start:start + rows], mean, std, kinds)
-        for kind, d in blocks.items():  # [rows, N]
+        parts: Dict[str, list] = {kind: [] for kind in kinds}
+        for col in range(0, n, cols):  # [rows, cols, K] blocks small enough to stay in cache
+            blocks = pairwise_divergences(mean[start:start + rows], std[start:start + rows], mean[col:col + cols],
+                                          std[col:col + cols], kinds)
+            for kind, d in blocks.items():
+                parts[kind].append(d)
+        for kind, ds in parts.items():
+            d = torch.cat(ds, dim=1)  # [rows, N]
             totals[kind] += float((torch.logsumexp(-d, dim=1) - math.log(n)).sum())
     out = {kind: -total / n for kind, total in totals.items()}
     if "kl" in out and "bhattacharyya" in out:  # B <= KL pair by pair, so the lower end is at most the upper; at
