@@ -9,16 +9,17 @@ Protocol (every row alike; the MINE paper trains 200 epochs, this one `--epochs`
   dropout 0.5 after each hidden layer (Srivastava et al. 2014), label smoothing 0.1 (Szegedy et al. 2016), and the
   penalties VIB (`vib_kl`), MINE-IB (`mine`, the recipe's critic) and nonlinear IB (`pairwise_kl`, started with the
   code's noise on the scale of its spread: `std_offset=0`).
-- each penalty is swept over `--betas` at the first seed; the beta of the best mean validation accuracy is then
-  trained at every seed. Test figures are never used to choose.
+- each penalty is swept over its betas (`ROWS`) at the first seed; the beta of the best validation accuracy is then
+  trained at every seed. Test figures are never used to choose. The classic rows are not tuned: one setting each.
+  A run that fails (non-finite training) is recorded as failed and is not chosen.
 - evaluation of each table run's last epoch: test error, NLL and ECE (15 bins) on the whole test split with the
   sampled model (12 draws); PGD-20 accuracy (L-inf, step 2.5 eps / 20, one random start) of the mean-code model on
-  1,000 test images drawn class-balanced by a seeded permutation; the probe's pairwise band on I(X;Z) and
+  1,000 test images drawn by a seeded permutation (the same for every run); the probe's pairwise band on I(X;Z) and
   I(Z;Y) >= H(Y) - CE (2,000 validation images) from the run's last epoch.
 
 Every run is an `ib sweep` run folder under `--work`: the script resumes where it stopped (finished runs and
 evaluations are skipped), so the table can be built over several sittings. `benchmarks/results/ib_table.md` and
-`ib_table_runs.csv` are rewritten after every sweep with what is finished so far.
+`ib_table_runs.csv` are rewritten after each data set with what is finished so far.
 
     python benchmarks/ib_table.py                              # both data sets, 3 seeds, 10 epochs
     python benchmarks/ib_table.py --datasets mnist --stage select
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.engine.build import load_run  # noqa: E402
+from ib.engine.step import TrainingError  # noqa: E402
 from ib.evaluate import _batches, evaluate_model  # noqa: E402
 from ib.modes import evaluating  # noqa: E402
 from ib.monitor import write_csv  # noqa: E402
@@ -98,10 +100,29 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def sweep(ds: Dataset, row: Row, betas: Sequence[float], seeds: Sequence[int], args) -> List[dict]:
+def sweep(ds: Dataset, row: Row, betas: Sequence[float], seeds: Sequence[int], args) -> None:
+    """`ib sweep` of the row over betas x seeds. A run that fails (TrainingError: its metrics.json says "failed") is
+    logged and not tried again (delete its folder to retry); the others then run one by one."""
     overrides = [*ds.overrides, *row.overrides, f"epochs={args.epochs}", "eval.enabled=false", *args.overrides]
     sweep_dir = Path(args.work) / slug(ds.name) / slug(row.name)
-    return run_sweep(ROOT / ds.recipe, betas, seeds, overrides, sweep_dir)
+
+    def failed() -> set:
+        return {(r["beta"], r["seed"]) for r in folder_rows(sweep_dir) if r.get("status") == "failed"}
+
+    def attempt(grid_betas: Sequence[float], grid_seeds: Sequence[int]) -> bool:
+        try:
+            run_sweep(ROOT / ds.recipe, grid_betas, grid_seeds, overrides, sweep_dir)
+            return True
+        except TrainingError as e:
+            log.warning("%s, %s: a run failed: %s", ds.name, row.name, e)
+            return False
+
+    if not failed() & {(b, s) for b in betas for s in seeds} and attempt(betas, seeds):
+        return
+    for beta in betas:
+        for seed in seeds:
+            if (beta, seed) not in failed():
+                attempt([beta], [seed])
 
 
 def finished(rows: Sequence[dict]) -> List[dict]:
@@ -109,20 +130,24 @@ def finished(rows: Sequence[dict]) -> List[dict]:
 
 
 def best_beta(row: Row, rows: Sequence[dict]) -> Optional[float]:
-    """The beta of the highest mean validation accuracy over the finished runs (the smaller beta on a tie)."""
+    """The beta of the highest mean validation accuracy over the completed runs (the smaller beta on a tie); None
+    until every beta has completed or failed."""
+    if {float(r["beta"]) for r in rows if r.get("status") in ("completed", "failed")} < set(row.betas):
+        return None  # the sweep is not finished
     by_beta: Dict[float, List[float]] = {}
     for r in finished(rows):
         by_beta.setdefault(float(r["beta"]), []).append(float(r["val_accuracy"]))
-    if not by_beta or (len(row.betas) > 1 and len(by_beta) < len(row.betas)):
-        return None  # the sweep is not finished
-    return max(sorted(by_beta), key=lambda b: statistics.fmean(by_beta[b]))
+    return max(sorted(by_beta), key=lambda b: statistics.fmean(by_beta[b])) if by_beta else None
 
 
-def evaluate(run_dir: Path, eps: Sequence[float]) -> dict:
-    """Clean metrics on the whole test split and PGD-20 on 1,000 test images, of last.pt; cached in the folder."""
+def evaluate(run_dir: Path, eps: Sequence[float], epochs: int) -> dict:
+    """Clean metrics on the whole test split and PGD-20 on 1,000 test images, of last.pt after `epochs`; cached in
+    the folder (and redone when the run has trained on since)."""
     out_file = run_dir / "table_eval.json"
     if out_file.exists():
-        return json.loads(out_file.read_text())
+        cached = json.loads(out_file.read_text())
+        if cached.get("epochs") == epochs and set(cached["pgd20"]) >= {f"{e:g}" for e in eps}:
+            return cached
     run = load_run(run_dir / "last.pt")
     device = next(run.model.parameters()).device
     test = run.data.test
@@ -134,7 +159,8 @@ def evaluate(run_dir: Path, eps: Sequence[float]) -> dict:
                               batch_size=500, check_samples=200)
     pgd = {f"{r['eps']:g}": r["accuracy"] for r in attacked["robustness"]
            if r["attack"] == "pgd_linf" and r["variant"] == "mean"}
-    result = {"test_error": 1.0 - clean["accuracy"], "nll": clean["nll"], "ece": clean["ece"], "pgd20": pgd,
+    result = {"epochs": run.epoch, "test_error": 1.0 - clean["accuracy"], "nll": clean["nll"], "ece": clean["ece"],
+              "pgd20": pgd,
               "pgd_n": attacked["n"], "checks_passed": attacked["all_checks_passed"], "samples": samples}
     out_file.write_text(json.dumps(result, indent=2))
     return result
@@ -195,6 +221,11 @@ def folder_rows(sweep_dir: Path) -> List[dict]:
     return rows
 
 
+def protocol_rows(sweep_dir: Path, epochs: int) -> List[dict]:
+    """The runs of the folder planned for `epochs` epochs (a run trained on for longer is another protocol)."""
+    return [r for r in folder_rows(sweep_dir) if r.get("epochs_planned") == epochs]
+
+
 def collect(ds: Dataset, seeds: Sequence[int], args, *, train: bool, all_seeds: bool
             ) -> Tuple[Dict[str, Tuple[Optional[float], List[Tuple[dict, dict]]]], Dict[str, List[dict]]]:
     """Train (when `train`) and read every row of one data set: the table's runs with their evaluations, and the
@@ -206,7 +237,8 @@ def collect(ds: Dataset, seeds: Sequence[int], args, *, train: bool, all_seeds: 
         sweep_dir = Path(args.work) / slug(ds.name) / slug(row.name)
         if train:
             sweep(ds, row, row.betas, seeds[:1], args)
-        first = [r for r in folder_rows(sweep_dir) if r["seed"] == seeds[0] and r["beta"] in row.betas]
+        rows = protocol_rows(sweep_dir, args.epochs)
+        first = [r for r in rows if r["seed"] == seeds[0] and r["beta"] in row.betas]
         if len(row.betas) > 1:
             sweeps[row.name] = first
         beta = best_beta(row, first)
@@ -214,8 +246,9 @@ def collect(ds: Dataset, seeds: Sequence[int], args, *, train: bool, all_seeds: 
             sweep(ds, row, [beta], seeds, args)
             if len(row.betas) > 1:  # sweep.csv and the sweep's figures describe the beta sweep again
                 sweep(ds, row, row.betas, seeds[:1], args)
-        runs = [(r, evaluate(sweep_dir / run_name(beta, r["seed"]), ds.eps))
-                for r in finished(folder_rows(sweep_dir)) if r["beta"] == beta and r["seed"] in seeds]
+            rows = protocol_rows(sweep_dir, args.epochs)
+        runs = [(r, evaluate(sweep_dir / run_name(beta, r["seed"]), ds.eps, args.epochs))
+                for r in finished(rows) if r["beta"] == beta and r["seed"] in seeds]
         results[row.name] = (beta, runs)
     return results, sweeps
 
@@ -271,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = args.datasets.split(",")
     # Every data set's selection first, then the other seeds: a partial table covers both data sets.
     stages = [False] if args.stage == "select" else [False, True]
+    done: Dict[str, tuple] = {}
     for all_seeds in stages:
-        done = {}
         for key in keys:
             results, sweeps = collect(known[key], seeds, args, train=not args.report, all_seeds=all_seeds)
             done[key] = (known[key], results, sweeps)

@@ -43,7 +43,8 @@ def describe_xz(estimate: float, lower: float, upper: float, zy: float, label: s
     NaN figures (no band, no estimator, no floor) are left out; `units`, when given, follows the plane's figures."""
     finite = [math.isfinite(v) for v in (estimate, lower, upper, zy)]
     if finite[1] and finite[2]:
-        text = f"I(X;Z) in [{max(lower, zy) if finite[3] else lower:.3f}, {upper:.3f}]"
+        low = min(max(lower, zy), upper) if finite[3] else lower  # I(Z;Y) is estimated: it may pass the upper end
+        text = f"I(X;Z) in [{low:.3f}, {upper:.3f}]"
     elif finite[3]:
         text = f"I(X;Z) >= {zy:.3f}"
     else:

@@ -1,5 +1,6 @@
 """The MI benchmark's smoke run: it trains every estimator a few steps and writes its markdown report."""
 import csv
+import json
 import importlib.util
 import math
 import re
@@ -181,10 +182,35 @@ def test_ib_table_smoke_chooses_beta_on_validation_and_writes_the_table(tmp_path
 
 def test_band_cost_smoke_agrees_with_the_plain_formulation(tmp_path):
     """benchmarks/band_cost.py at tiny sizes: the fast band equals the term-by-term reference to float64 rounding
-    (both sit at the ceiling log N here, with sums of O(K) terms of size O(1e5): differences of order 1e-10 at most)."""
+    (sums of K = 16 terms of size O(1): differences of order 1e-14), on codes that overlap (the band is well below
+    its ceiling, so every pair counts)."""
     bench = _load("band_cost")
     out = tmp_path / "band_cost.md"
     bench.main(["--sizes", "40,90", "--plain-up-to", "40", "--k", "16", "--out", str(out)])
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if re.match(r"\| \d", line)]
     assert [r[0].strip() for r in rows] == ["40", "90"]
-    assert float(rows[0][5]) < 1e-9 and rows[1][3].strip() == "-"
+    lower, upper = (float(v) for v in rows[0][2].strip(" []").split(","))
+    assert 0 < lower <= upper < float(rows[0][3]) - 0.5  # below the ceiling log 40
+    assert float(rows[0][7]) < 1e-12 and rows[1][5].strip() == "-"
+
+
+def test_ib_table_chooses_among_completed_runs_of_its_protocol_and_waits_for_the_rest(tmp_path):
+    """best_beta waits until every beta has completed or failed, never chooses a failed one, and runs planned for
+    another number of epochs are not this protocol's."""
+    bench = _load("ib_table")
+    row = bench.Row("VIB", (), (1e-3, 1e-2, 1e-1))
+
+    def write(beta, status, val, planned=10):
+        folder = tmp_path / run_name(beta, 0)
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({"status": status, "val_accuracy": val,
+                                                         "epochs_planned": planned}))
+
+    write(1e-3, "completed", 0.95)
+    write(1e-2, "failed", 0.99)
+    write(1e-1, "completed", 0.97, planned=20)
+    assert bench.best_beta(row, bench.protocol_rows(tmp_path, 10)) is None  # beta 0.1 is not of this protocol
+    (tmp_path / run_name(1e-1, 0) / "metrics.json").unlink()
+    (tmp_path / run_name(1e-1, 0)).rmdir()
+    write(1e-1, "completed", 0.96)
+    assert bench.best_beta(row, bench.protocol_rows(tmp_path, 10)) == 1e-1  # the failed 0.99 is not chosen

@@ -147,3 +147,14 @@ def test_a_trained_critics_held_out_estimate_lies_inside_the_band():
     assert lower < exact < upper
     estimate = estimate_mi(points[rows[:4000]], z[:4000], "mine", steps=300, hidden=(64, 64), seed=0)
     assert lower <= estimate <= upper, (lower, estimate, exact, upper)
+
+
+def test_both_divergences_have_the_gradients_of_their_closed_forms():
+    """Out of place when a gradient is wanted: torch.autograd.gradcheck against finite differences, float64."""
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(3, 2, generator=g, dtype=torch.float64).requires_grad_(),
+            (torch.rand(3, 2, generator=g, dtype=torch.float64) + 0.3).requires_grad_(),
+            torch.randn(4, 2, generator=g, dtype=torch.float64).requires_grad_(),
+            (torch.rand(4, 2, generator=g, dtype=torch.float64) + 0.3).requires_grad_())
+    for kind in ("kl", "bhattacharyya"):
+        assert torch.autograd.gradcheck(lambda *a: pairwise_divergence(*a, kind), args)

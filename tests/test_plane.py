@@ -263,3 +263,4 @@ def test_the_log_line_states_the_plane_never_an_estimate_below_the_floor():
     assert describe_xz(0.9, math.nan, math.nan, 1.5, "MINE") == "I(X;Z) >= 1.500 (MINE 0.900)"
     assert describe_xz(math.nan, 3.0, 4.0, 2.0) == "I(X;Z) in [3.000, 4.000]"
     assert describe_xz(0.5, 3.0, 4.0, 2.0, "MINE", "bits") == "I(X;Z) in [3.000, 4.000] bits (MINE 0.500)"
+    assert describe_xz(math.nan, 3.0, 4.0, 4.2) == "I(X;Z) in [4.000, 4.000]"  # a noisy floor above the bound

@@ -407,8 +407,8 @@ def _warn_if_saturated(run: Run, row: Row, warned: Set[Any], epoch: int) -> None
         warned.add("saturated")
         log.warning("epoch %d: the pairwise_kl penalty sits at its ceiling log B = %.3f nats: every pair of codes "
                     "is far apart and the penalty has almost no gradient. Start the code's noise on the scale of its "
-                    "spread (model.bottleneck.std_offset=0) with beta from the first step (beta_schedule.delay=0), "
-                    "or raise beta (docs/estimators.md)", epoch, ceiling)
+                    "spread (model.bottleneck.std_offset=0) with beta from the first step (beta_schedule.delay=0); "
+                    "see docs/estimators.md", epoch, ceiling)
 
 
 def _log_once(caught: List[warnings.WarningMessage], warned: Set[Any], epoch: int) -> None:

@@ -227,27 +227,32 @@ def train_step(
             "correct": correct, "finite": torch.tensor(finite)}
 
 
-def adaptive_clipped_backward(model: nn.Module, main: Tensor, penalty: Tensor) -> None:
+def adaptive_clipped_backward(model: IBClassifier, main: Tensor, penalty: Tensor) -> None:
     """MINE's adaptive gradient clipping (Belghazi et al. 2018, sec. 3.1) into the parameters' `.grad`:
 
         g = g_u + min(||g_u||, ||g_m||) * g_m / ||g_m||,
 
-    with g_u the gradient of the main loss (cross-entropy) and g_m that of the weighted penalty (beta * I), norms
-    over all of `model`'s parameters: the penalty may steer the encoder but never outweigh the task."""
+    with g_u the gradient of the main loss (cross-entropy) and g_m that of the weighted penalty (beta * I), both
+    norms taken over the encoder's parameters (`model.bottleneck`, the only ones the penalty reaches): the penalty
+    may steer the encoder but never outweigh the task. A parameter neither term reaches keeps `.grad` None."""
     params = [p for p in model.parameters() if p.requires_grad]
     g_u = torch.autograd.grad(main, params, retain_graph=True, allow_unused=True)
     g_m = torch.autograd.grad(penalty, params, allow_unused=True)
-    zeros = [torch.zeros_like(p) for p in params]
-    g_u = [z if g is None else g for g, z in zip(g_u, zeros)]
-    g_m = [z if g is None else g for g, z in zip(g_m, zeros)]
-    norm_u, norm_m = _global_norm(g_u), _global_norm(g_m)
+    encoder = {id(p) for p in model.bottleneck.parameters()}
+    norm_u = _global_norm([g for p, g in zip(params, g_u) if g is not None and id(p) in encoder])
+    norm_m = _global_norm([g for p, g in zip(params, g_m) if g is not None and id(p) in encoder])
     scale = torch.where(norm_m > norm_u, norm_u / norm_m, torch.ones_like(norm_m))  # min(|g_u|, |g_m|) / |g_m|
     for p, gu, gm in zip(params, g_u, g_m):
-        p.grad = gu + scale * gm
+        if gm is None:
+            p.grad = gu
+        else:
+            p.grad = scale * gm if gu is None else gu + scale * gm
 
 
 def _global_norm(grads: List[Tensor]) -> Tensor:
-    """The L2 norm of all `grads` taken together, as clip_grad_norm_ measures it."""
+    """The L2 norm of all `grads` taken together, as clip_grad_norm_ measures it (0 for none)."""
+    if not grads:
+        return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 

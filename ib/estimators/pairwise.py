@@ -41,7 +41,7 @@ def pairwise_divergences(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: T
     "bhattacharyya" the Bhattacharyya distance. The squared differences are formed once for all of them.
 
     The terms that depend on one row only (the log-variances) are summed per row; what depends on the pair is
-    formed in place, about ten passes over an [A, B, K] block for both kinds:
+    formed in place (out of place when a gradient is wanted), about ten passes over an [A, B, K] block for both kinds:
 
         KL = 1/2 [ sum_k (d^2 + v_a) / v_b + L_b - L_a - K ],                    d = m_a - m_b, L = sum_k log v
         B  = sum_k [ d^2 / (4 s) + 1/2 log s ] - K/2 log 2 - (L_a + L_b) / 4,   s = v_a + v_b
@@ -54,15 +54,20 @@ def pairwise_divergences(mean_a: Tensor, std_a: Tensor, mean_b: Tensor, std_b: T
     v_a, v_b = std_a.double().square().clamp_min(tiny), std_b.double().square().clamp_min(tiny)  # [A, K], [B, K]
     log_a, log_b = v_a.log().sum(-1)[:, None], v_b.log().sum(-1)[None, :]  # [A, 1], [1, B]
     v1, v2 = v_a[:, None, :], v_b[None, :, :]  # [A, 1, K], [1, B, K]
-    d2 = (mean_a.double()[:, None, :] - mean_b.double()[None, :, :]).square_()  # [A, B, K]
+    # In place where nothing needs a gradient (the plane's band); out of place for the penalty's backward pass.
+    inplace = not (torch.is_grad_enabled() and any(t.requires_grad for t in (mean_a, std_a, mean_b, std_b)))
+    d = mean_a.double()[:, None, :] - mean_b.double()[None, :, :]
+    d2 = d.square_() if inplace else d.square()  # [A, B, K]
     out: Dict[str, Tensor] = {}
     if "kl" in kinds:
-        quad = (d2 + v1).div_(v2).sum(-1)  # [A, B]
-        out["kl"] = 0.5 * (quad + log_b - log_a - k)
+        quad = (d2 + v1).div_(v2) if inplace else (d2 + v1) / v2
+        out["kl"] = 0.5 * (quad.sum(-1) + log_b - log_a - k)  # [A, B]
     if "bhattacharyya" in kinds:
         s = v1 + v2  # [A, B, K]
-        quad = d2.div_(s).sum(-1)  # d2 is not needed any more
-        out["bhattacharyya"] = 0.25 * quad + 0.5 * s.log_().sum(-1) - 0.5 * k * math.log(2.0) - 0.25 * (log_a + log_b)
+        quad = d2.div_(s) if inplace else d2 / s  # d2 is not needed any more
+        log_s = s.log_() if inplace else s.log()
+        out["bhattacharyya"] = (0.25 * quad.sum(-1) + 0.5 * log_s.sum(-1) - 0.5 * k * math.log(2.0)
+                                - 0.25 * (log_a + log_b))
     return {kind: out[kind] for kind in kinds}
 
 

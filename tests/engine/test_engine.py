@@ -535,8 +535,9 @@ def test_recipe_label_smoothing_and_dropout(tmp_path):
 
 @pytest.mark.parametrize("weight", [1e-3, 1e3])
 def test_adaptive_clipping_scales_the_penalty_to_the_task(weight):
-    """g = g_u + min(|g_u|, |g_m|) g_m / |g_m| (MINE, sec. 3.1), against the two gradients taken by hand: a small
-    penalty's gradient passes as it is, a large one is scaled down to the cross-entropy's norm."""
+    """g = g_u + min(|g_u|, |g_m|) g_m / |g_m| (MINE, sec. 3.1), norms over the encoder's parameters, against the
+    two gradients taken by hand: a small penalty's gradient passes as it is, a large one is scaled down to the
+    cross-entropy's norm; the decoder, which the penalty does not reach, gets the cross-entropy's gradient alone."""
     from ib.engine.step import adaptive_clipped_backward
 
     torch.manual_seed(0)
@@ -557,8 +558,11 @@ def test_adaptive_clipping_scales_the_penalty_to_the_task(weight):
     ce, pen = terms()
     g_u = grads(ce)
     g_m = grads(terms()[1])
-    norm = lambda gs: float(torch.sqrt(sum(g.square().sum() for g in gs)))  # noqa: E731
+    encoder = [isinstance(p, torch.nn.Parameter) and any(p is q for q in model.bottleneck.parameters())
+               for p in model.parameters()]
+    norm = lambda gs: float(torch.sqrt(sum(g.square().sum() for g, e in zip(gs, encoder) if e)))  # noqa: E731
     scale = min(norm(g_u), norm(g_m)) / norm(g_m)
+    assert all(float(b.abs().max()) == 0 for b, e in zip(g_m, encoder) if not e)  # the decoder: CE only
     assert (scale == 1.0) == (weight < 1)  # the two cases the parametrisation means to cover
     model.zero_grad(set_to_none=True)
     adaptive_clipped_backward(model, *terms())
