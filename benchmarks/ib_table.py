@@ -253,6 +253,33 @@ def collect(ds: Dataset, seeds: Sequence[int], args, *, train: bool, all_seeds: 
     return results, sweeps
 
 
+def figures(out: Path, key: str, ds: Dataset, sweeps: Dict[str, List[dict]],
+            results: Dict[str, Tuple[Optional[float], List[Tuple[dict, dict]]]], work: Path) -> List[str]:
+    """Each penalty's IB curve over its beta sweep, and the information plane of the first MINE-IB table run, as
+    PNG files beside the report; returns the report's lines that show them."""
+    from ib.monitor import write_plane_plots
+    from ib.plots import ib_curve_figure
+
+    lines = []
+    for name, rows in sweeps.items():
+        done = finished(rows)
+        if len({r["beta"] for r in done}) < 2:
+            continue
+        path = out.with_name(f"{out.stem}_{key}_{slug(name)}_ib_curve.png")
+        fig = ib_curve_figure(done, "nats")
+        fig.axes[0].set_title(f"{ds.name}, {name}: beta sweep (seed {done[0]['seed']})")
+        fig.savefig(str(path))
+        lines.append(f"![{ds.name} {name} IB curve]({path.name})")
+    beta, runs = results.get("MINE-IB", (None, []))
+    if runs:
+        run_dir = work / slug(ds.name) / slug("MINE-IB") / run_name(beta, runs[0][0]["seed"])
+        for written in write_plane_plots(run_dir):
+            path = out.with_name(f"{out.stem}_{key}_mine_ib_plane.png")
+            path.write_bytes(written.read_bytes())
+            lines.append(f"![{ds.name} MINE-IB information plane, beta {beta:g}]({path.name})")
+    return lines
+
+
 def write_report(args, done: Dict[str, tuple]) -> None:
     out = Path(args.out)
     lines = ["# The IB effect on PI-MNIST and Fashion-MNIST: regularisers and IB penalties under one protocol", "",
@@ -269,7 +296,7 @@ def write_report(args, done: Dict[str, tuple]) -> None:
     for key, (ds, results, sweeps) in done.items():
         lines += [f"## {ds.name}", "", *table_lines(ds, results), "",
                   f"Beta sweeps at seed {args.seeds.split(',')[0]} (last epoch; the table's beta is the best mean "
-                  "validation accuracy):", "", *sweep_lines(sweeps), ""]
+                  "validation accuracy):", "", *sweep_lines(sweeps), "", *figures(out, key, ds, sweeps, results, Path(args.work)), ""]
         for name, (beta, runs) in results.items():
             for metrics, ev in runs:
                 csv_rows.append({"dataset": key, "row": name, "beta": beta, "seed": metrics["seed"],
