@@ -117,14 +117,18 @@ def _train(args: argparse.Namespace) -> int:
     if metrics["status"] == "stopped":
         log.info("stopped after epoch %d as asked; continue with: ib train --resume %s", metrics["epochs"], run_dir)
         return 0
-    from ib.plane import describe_xz
-
-    xz = describe_xz(*(_number(metrics.get(k)) for k in ("I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper",
-                                                         "I_ZY")),
-                     (metrics.get("estimator") or {}).get("label", "estimate"), metrics.get("units", "nats"))
+    xz = _plane_text(metrics, (metrics.get("estimator") or {}).get("label", "estimate"), metrics.get("units", "nats"))
     log.info("done: test accuracy %.4f, %s, %.1f s; run folder %s", _number(metrics["test_accuracy"]), xz,
              metrics["train_seconds"], run_dir)
     return 0
+
+
+def _plane_text(record: Dict[str, Any], label: str = "estimate", units: str = "") -> str:
+    """`ib.plane.describe_xz` of a metrics.json or sweep.csv record (missing figures print as nan)."""
+    from ib.plane import describe_xz
+
+    figures = (_number(record.get(k)) for k in ("I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper", "I_ZY"))
+    return describe_xz(*figures, label, units)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -136,10 +140,8 @@ def _sweep(args: argparse.Namespace) -> int:
                      nproc_per_node=args.nproc_per_node)
     if any(r["status"] != "completed" for r in rows):
         return EXIT_INTERRUPTED
-    from ib.plane import describe_xz
-
     for r in rows:
-        xz = describe_xz(*(_number(r.get(k)) for k in ("I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper", "I_ZY")))
+        xz = _plane_text(r)
         log.info("%-24s test accuracy %.4f  %s  I(Z;Y) %.3f %s", r["run"], _number(r["test_accuracy"]), xz,
                  _number(r["I_ZY"]), r["units"])
     return 0

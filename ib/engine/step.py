@@ -239,21 +239,14 @@ def adaptive_clipped_backward(model: IBClassifier, main: Tensor, penalty: Tensor
     g_u = torch.autograd.grad(main, params, retain_graph=True, allow_unused=True)
     g_m = torch.autograd.grad(penalty, params, allow_unused=True)
     encoder = {id(p) for p in model.bottleneck.parameters()}
-    norm_u = _global_norm([g for p, g in zip(params, g_u) if g is not None and id(p) in encoder])
-    norm_m = _global_norm([g for p, g in zip(params, g_m) if g is not None and id(p) in encoder])
+    norm_u = nn.utils.get_total_norm([g for p, g in zip(params, g_u) if g is not None and id(p) in encoder])
+    norm_m = nn.utils.get_total_norm([g for p, g in zip(params, g_m) if g is not None and id(p) in encoder])
     scale = torch.where(norm_m > norm_u, norm_u / norm_m, torch.ones_like(norm_m))  # min(|g_u|, |g_m|) / |g_m|
     for p, gu, gm in zip(params, g_u, g_m):
         if gm is None:
             p.grad = gu
         else:
             p.grad = scale * gm if gu is None else gu + scale * gm
-
-
-def _global_norm(grads: List[Tensor]) -> Tensor:
-    """The L2 norm of all `grads` taken together, as clip_grad_norm_ measures it (0 for none)."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 @torch.no_grad()
