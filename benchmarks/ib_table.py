@@ -9,8 +9,11 @@ Protocol (every row alike; the MINE paper trains 200 epochs, this one `--epochs`
   dropout 0.5 after each hidden layer (Srivastava et al. 2014), label smoothing 0.1 (Szegedy et al. 2016), and the
   penalties VIB (`vib_kl`), MINE-IB (`mine`, the recipe's critic) and nonlinear IB (`pairwise_kl`, started with the
   code's noise on the scale of its spread: `std_offset=0`).
-- each penalty is swept over its betas (`ROWS`) at the first seed; the beta of the best validation accuracy is then
-  trained at every seed. Test figures are never used to choose. The classic rows are not tuned: one setting each.
+- each penalty is swept over its betas (`ROWS`) at the first `--sweep-seeds` seeds (all three by default); the beta
+  of the best mean validation accuracy is then trained at every seed. Test figures are never used to choose. The
+  classic rows are not tuned: one setting each.
+- the sweeps are read against the beta = 0 row: does the band's upper end (mean over seeds) rise with beta, and how
+  far below beta = 0's does it sit at the largest beta whose test accuracy is within 2 points of beta = 0's.
   A run that fails (non-finite training) is recorded as failed and is not chosen.
 - evaluation of each table run's last epoch: test error, NLL and ECE (15 bins) on the whole test split with the
   sampled model (12 draws); PGD-20 accuracy (L-inf, step 2.5 eps / 20, one random start) of the mean-code model on
@@ -211,6 +214,41 @@ def sweep_lines(sweeps: Dict[str, List[dict]]) -> List[str]:
     return lines
 
 
+def compression_lines(baseline: Sequence[dict], sweeps: Dict[str, List[dict]], tolerance: float = 0.01
+                      ) -> List[str]:
+    """Each sweep read against the beta = 0 runs (means over seeds, final epoch): whether the band's upper end rises
+    with beta (by more than `tolerance` nats between neighbouring betas, beta = 0 included), and, at the largest
+    beta whose test accuracy is within 2 points of beta = 0's, how far its upper end sits below beta = 0's."""
+    base = finished(baseline)
+    if not base:
+        return []
+    up0 = statistics.fmean(float(r["I_XZ_pairwise_upper"]) for r in base)
+    acc0 = statistics.fmean(float(r["test_accuracy"]) for r in base)
+    lines = [f"Read against beta = 0 (upper end {up0:.3f} nats, test accuracy {acc0:.4f}, {len(base)} runs):", ""]
+    for name, rows in sweeps.items():
+        done = finished(rows)
+        betas = sorted({float(r["beta"]) for r in done})
+        if not betas:
+            continue
+        up = {b: statistics.fmean(float(r["I_XZ_pairwise_upper"]) for r in done if float(r["beta"]) == b)
+              for b in betas}
+        acc = {b: statistics.fmean(float(r["test_accuracy"]) for r in done if float(r["beta"]) == b) for b in betas}
+        path = [(0.0, up0)] + [(b, up[b]) for b in betas]
+        rises = [f"+{u - v:.3f} from beta {a:g} to {b:g}" for (a, v), (b, u) in zip(path, path[1:])
+                 if u > v + tolerance]
+        kept = [b for b in betas if acc0 - acc[b] <= 0.02]
+        line = f"- {name}: the upper end {'rises ' + ', '.join(rises) if rises else 'never rises'} with beta"
+        if kept:
+            drop = up0 - up[kept[-1]]
+            line += (f"; at beta {kept[-1]:g}, the largest within 2 points of beta = 0 (test accuracy "
+                     f"{acc[kept[-1]]:.4f}), it is {drop:.3f} nats below beta = 0's "
+                     f"({'at least' if drop >= 0.5 else 'less than'} 0.5)")
+        else:
+            line += "; no beta keeps test accuracy within 2 points of beta = 0's"
+        lines.append(line + ".")
+    return lines + [""]
+
+
 def folder_rows(sweep_dir: Path) -> List[dict]:
     """Every run folder of a sweep that has written metrics.json, as a row with its beta and seed."""
     rows = []
@@ -229,23 +267,25 @@ def protocol_rows(sweep_dir: Path, epochs: int) -> List[dict]:
 def collect(ds: Dataset, seeds: Sequence[int], args, *, train: bool, all_seeds: bool
             ) -> Tuple[Dict[str, Tuple[Optional[float], List[Tuple[dict, dict]]]], Dict[str, List[dict]]]:
     """Train (when `train`) and read every row of one data set: the table's runs with their evaluations, and the
-    beta sweeps of the penalties at the first seed."""
+    beta sweeps of the penalties (at the first seed, or at the first `--sweep-seeds` seeds with `all_seeds`)."""
     results, sweeps = {}, {}
-    for row in ROWS:
-        if args.rows and slug(row.name) not in args.rows.split(","):
-            continue
+    rows_wanted = [row for row in ROWS if not args.rows or slug(row.name) in args.rows.split(",")]
+    sweep_seeds = seeds[:max(1, args.sweep_seeds)] if all_seeds else seeds[:1]
+    if train:  # seed by seed over the rows: a partial sweep has every beta at the first seeds
+        for seed in sweep_seeds:
+            for row in rows_wanted:
+                sweep(ds, row, row.betas, [seed], args)
+    for row in rows_wanted:
         sweep_dir = Path(args.work) / slug(ds.name) / slug(row.name)
-        if train:
-            sweep(ds, row, row.betas, seeds[:1], args)
         rows = protocol_rows(sweep_dir, args.epochs)
-        first = [r for r in rows if r["seed"] == seeds[0] and r["beta"] in row.betas]
+        swept = [r for r in rows if r["seed"] in sweep_seeds and r["beta"] in row.betas]
         if len(row.betas) > 1:
-            sweeps[row.name] = first
-        beta = best_beta(row, first)
+            sweeps[row.name] = swept
+        beta = best_beta(row, swept)
         if beta is not None and train and all_seeds and len(seeds) > 1:
             sweep(ds, row, [beta], seeds, args)
             if len(row.betas) > 1:  # sweep.csv and the sweep's figures describe the beta sweep again
-                sweep(ds, row, row.betas, seeds[:1], args)
+                sweep(ds, row, row.betas, sweep_seeds, args)
             rows = protocol_rows(sweep_dir, args.epochs)
         runs = [(r, evaluate(sweep_dir / run_name(beta, r["seed"]), ds.eps, args.epochs))
                 for r in finished(rows) if r["beta"] == beta and r["seed"] in seeds]
@@ -267,7 +307,9 @@ def figures(out: Path, key: str, ds: Dataset, sweeps: Dict[str, List[dict]],
             continue
         path = out.with_name(f"{out.stem}_{key}_{slug(name)}_ib_curve.png")
         fig = ib_curve_figure(done, "nats")
-        fig.axes[0].set_title(f"{ds.name}, {name}: beta sweep (seed {done[0]['seed']})")
+        seeds = sorted({r["seed"] for r in done})
+        fig.axes[0].set_title(f"{ds.name}, {name}: beta sweep (seed{'s' if len(seeds) > 1 else ''} "
+                              f"{','.join(map(str, seeds))})")
         fig.savefig(str(path))
         lines.append(f"![{ds.name} {name} IB curve]({path.name})")
     beta, runs = results.get("MINE-IB", (None, []))
@@ -284,7 +326,8 @@ def write_report(args, done: Dict[str, tuple]) -> None:
     out = Path(args.out)
     lines = ["# The IB effect on PI-MNIST and Fashion-MNIST: regularisers and IB penalties under one protocol", "",
              "Written by `benchmarks/ib_table.py`; do not edit by hand.", "",
-             f"- command: `python benchmarks/ib_table.py --epochs {args.epochs} --seeds {args.seeds}"
+             f"- command: `python benchmarks/ib_table.py --epochs {args.epochs} --seeds {args.seeds} "
+             f"--sweep-seeds {args.sweep_seeds}"
              + (" -- " + " ".join(args.overrides) if args.overrides else "") + "`",
              f"- protocol: {args.epochs} epochs a run (the papers: 200), otherwise `recipes/<data set>.yaml`; "
              "the rows and the evaluation as in the script's docstring",
@@ -294,9 +337,12 @@ def write_report(args, done: Dict[str, tuple]) -> None:
              "(ceiling log 2000 = 7.601 nats); I(Z;Y) >= H(Y) - CE, nats", ""]
     csv_rows = []
     for key, (ds, results, sweeps) in done.items():
+        sweep_seeds = ",".join(args.seeds.split(",")[:max(1, args.sweep_seeds)])
+        baseline = [m for m, _ in results.get("beta = 0", (None, []))[1]]
         lines += [f"## {ds.name}", "", *table_lines(ds, results), "",
-                  f"Beta sweeps at seed {args.seeds.split(',')[0]} (last epoch; the table's beta is the best mean "
-                  "validation accuracy):", "", *sweep_lines(sweeps), "", *figures(out, key, ds, sweeps, results, Path(args.work)), ""]
+                  f"Beta sweeps at seeds {sweep_seeds} (last epoch, mean ± std over the runs; the table's beta is "
+                  "the best mean validation accuracy):", "", *sweep_lines(sweeps), "",
+                  *compression_lines(baseline, sweeps), *figures(out, key, ds, sweeps, results, Path(args.work)), ""]
         for name, (beta, runs) in results.items():
             for metrics, ev in runs:
                 csv_rows.append({"dataset": key, "row": name, "beta": beta, "seed": metrics["seed"],
@@ -316,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--datasets", default="mnist,fashion_mnist")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--sweep-seeds", type=int, default=3,
+                        help="each penalty's betas are swept at this many of the first seeds (the choice is the best "
+                             "mean validation accuracy over them)")
     parser.add_argument("--stage", choices=("select", "all"), default="all",
                         help="select: every row at the first seed only; all: then the other seeds")
     parser.add_argument("--report", action="store_true", help="train nothing: rewrite the table from what is done")
@@ -330,15 +379,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     known = datasets(args.mnist_root)
     keys = args.datasets.split(",")
     # Every data set's selection first, then the other seeds: a partial table covers both data sets.
-    stages = [False] if args.stage == "select" else [False, True]
+    stages = [False] if args.stage == "select" else [True] if args.report else [False, True]
     done: Dict[str, tuple] = {}
     for all_seeds in stages:
         for key in keys:
             results, sweeps = collect(known[key], seeds, args, train=not args.report, all_seeds=all_seeds)
             done[key] = (known[key], results, sweeps)
             write_report(args, done)
-        if args.report:
-            break
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import importlib.util
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -171,14 +172,18 @@ def test_ib_table_smoke_chooses_beta_on_validation_and_writes_the_table(tmp_path
     assert [(r["row"], r["seed"]) for r in runs] == [("beta = 0", "0"), ("beta = 0", "1"), ("MINE-IB", "0"),
                                                      ("MINE-IB", "1")]
     sweep = list(csv.DictReader((tmp_path / "work" / "digits" / "mine_ib" / "sweep.csv").open()))
-    val = {float(r["beta"]): float(r["val_accuracy"]) for r in sweep if r["seed"] == "0"}
-    assert len(val) == 4 and float(runs[2]["beta"]) == max(sorted(val), key=val.get)  # chosen on validation
+    assert sorted((r["beta"], r["seed"]) for r in sweep) == sorted((b, s) for b in {r["beta"] for r in sweep}
+                                                                   for s in ("0", "1"))  # every beta at both seeds
+    val = {b: statistics.fmean(float(r["val_accuracy"]) for r in sweep if float(r["beta"]) == b)
+           for b in {float(r["beta"]) for r in sweep}}
+    assert len(val) == 4 and float(runs[2]["beta"]) == max(sorted(val), key=val.get)  # chosen on mean validation
     for r in runs:
         assert 0.0 <= float(r["test_error"]) <= 1.0 and float(r["ece"]) >= 0.0
         assert float(r["pgd20_eps_0.1"]) <= float(r["pgd20_eps_0"])  # PGD keeps the clean prediction if it must
         assert float(r["I_XZ_pairwise_lower"]) <= float(r["I_XZ_pairwise_upper"]) <= math.log(143) + 1e-9
     table = out.read_text()
-    assert "| beta = 0 | 0 | 2 |" in table and "## digits" in table
+    assert "| beta = 0 | 0 | 2 |" in table and "## digits" in table and "Beta sweeps at seeds 0,1" in table
+    assert re.search(r"- MINE-IB: the upper end (never rises|rises \+)", table)
     for figure in ("ib_table_digits_mine_ib_ib_curve.png", "ib_table_digits_mine_ib_plane.png"):
         assert (out.parent / figure).is_file() and f"]({figure})" in table
     assert (tmp_path / "work" / "digits" / "mine_ib" / run_name(float(runs[3]["beta"]), 1) / "table_eval.json").is_file()
@@ -218,3 +223,25 @@ def test_ib_table_chooses_among_completed_runs_of_its_protocol_and_waits_for_the
     (tmp_path / run_name(1e-1, 0)).rmdir()
     write(1e-1, "completed", 0.96)
     assert bench.best_beta(row, bench.protocol_rows(tmp_path, 10)) == 1e-1  # the failed 0.99 is not chosen
+
+
+def test_ib_table_compression_reading_finds_rises_and_the_largest_beta_within_two_points():
+    """compression_lines on hand-made means: a rise of 0.2 nats between neighbouring betas is named, and the 0.5-nat
+    mark is read at the largest beta whose test accuracy is within 2 points of beta = 0's (not at a larger one that
+    compresses more but costs accuracy)."""
+    bench = _load("ib_table")
+
+    def run(beta, upper, acc, status="completed"):
+        return {"beta": beta, "I_XZ_pairwise_upper": upper, "test_accuracy": acc, "status": status}
+
+    baseline = [run(0.0, 7.0, 0.98), run(0.0, 7.2, 0.98)]  # mean upper 7.1
+    sweeps = {"A": [run(1e-3, 7.0, 0.98), run(1e-2, 7.2, 0.97), run(1e-1, 6.0, 0.965), run(1.0, 1.0, 0.5),
+                    run(10.0, 0.0, 0.99, status="failed")],
+              "B": [run(1e-3, 7.1, 0.95), run(1e-2, 7.1, 0.90)]}
+    lines = bench.compression_lines(baseline, sweeps)
+    a = next(line for line in lines if line.startswith("- A:"))
+    assert "rises +0.200 from beta 0.001 to 0.01" in a and "at beta 0.1," in a and "1.100 nats below" in a
+    assert "(at least 0.5)" in a
+    b = next(line for line in lines if line.startswith("- B:"))
+    assert "never rises" in b and "no beta keeps test accuracy" in b
+    assert bench.compression_lines([], sweeps) == []
