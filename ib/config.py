@@ -154,7 +154,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + " or null"
+        return " or ".join(_type_name(a) for a in inner) + (" or null" if type(None) in args else "")
     if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
         plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
         return "a list of " + (plural.get(args[0], f"values ({_type_name(args[0])})") if args else "values")

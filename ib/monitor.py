@@ -156,7 +156,7 @@ class TensorBoardLogger:
 
     def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
         for tag, value in row.items():
-            if value is not None:
+            if value is not None and not tag.startswith("align/"):  # those go to `AlignmentLog`, by step
                 self.writer.add_scalar(tag, value, epoch)
         self.points.append(plane_point(epoch, row))
         if self.plane_figure:
@@ -164,6 +164,44 @@ class TensorBoardLogger:
 
             figure = plane_figure(self.points, self.units, xz_name=self.xz_name)
             self.writer.add_figure("mi/information_plane", figure, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class AlignmentLog:
+    """The tangent-kernel alignment of a run, by training step: `alignment.csv` (one row per measurement, rewritten
+    whole) and TensorBoard scalars in the run folder's `alignment/` sub-run, whose x axis is the step (the epoch
+    loggers' is the epoch), with the figure of `ib.plots.alignment_figure` at each epoch.
+
+    Args:
+        run_dir: the run folder.
+        resume_step: on resume, rows and events after this step (measured but not checkpointed) are dropped.
+    """
+
+    def __init__(self, run_dir: str | Path, resume_step: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(run_dir) / "alignment.csv"
+        self.rows: List[Dict[str, Any]] = []
+        if resume_step and self.path.exists():
+            self.rows = [r for r in read_csv(self.path) if _number(r.get("step")) <= resume_step]
+        self.writer = SummaryWriter(str(Path(run_dir) / "alignment"),
+                                    purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, rows: Sequence[Mapping[str, float]], epoch: int) -> None:
+        for r in rows:
+            step = int(r["step"])
+            for tag, value in r.items():
+                if tag != "step" and value is not None and math.isfinite(value):
+                    self.writer.add_scalar(tag, value, step)
+            self.rows.append({"epoch": epoch, **r})
+        if rows:
+            write_csv(self.path, self.rows)
+            from ib.plots import alignment_figure
+
+            self.writer.add_figure("align/figure", alignment_figure(self.rows), int(rows[-1]["step"]))
         self.writer.flush()
 
     def close(self) -> None:
@@ -218,7 +256,8 @@ def write_hparams_events(run_dir: Path, params: Mapping[str, Any], row: Mapping[
 
 def write_plane_plots(folder: str | Path,
                       labels_of: Optional[Callable[[Path], Mapping[str, Any]]] = None) -> List[Path]:
-    """PNG files for papers, without TensorBoard: a run folder gets `plane.png`; a sweep folder gets
+    """PNG files for papers, without TensorBoard: a run folder gets `plane.png` (and `alignment.png` where it
+    measured the tangent-kernel alignment); a sweep folder gets
     `ib_curve.png`, `accuracy_vs_beta.png` and a `plane.png` in each run folder.
 
     A run folder's `metrics.json` says which estimator `mi/I_XZ` comes from (its "estimator" entry: "label",
@@ -251,7 +290,14 @@ def write_plane_plots(folder: str | Path,
         figure = plane_figure(history_points(folder), metrics.get("units", "nats"), title=folder.name,
                               xz_name=str(estimator.get("label", "")))
         figure.savefig(str(path))
-        return [path]
+        written.append(path)
+        if (folder / "alignment.csv").is_file():
+            from ib.plots import alignment_figure
+
+            path = folder / "alignment.png"
+            alignment_figure(read_csv(folder / "alignment.csv"), title=folder.name).savefig(str(path))
+            written.append(path)
+        return written
     raise ConfigError(f"{folder} holds neither a run (history.csv) nor a sweep (sweep.csv)")
 
 

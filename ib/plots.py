@@ -191,3 +191,40 @@ def robustness_figure(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str],
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def alignment_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """Tangent-kernel alignment against the training step (symlog axis, so step 0 has a place): the whole network
+    on the training and the test probe (thick), the encoder and decoder groups, and one thin line per layer
+    (columns `align/layer/<name>`), as in Baratin et al. 2021, Fig. 2."""
+    fig = Figure(figsize=(6.0, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = sorted(rows, key=lambda r: float(r["step"]))
+    steps = [float(r["step"]) for r in rows]
+    layers = [k for k in (rows[0] if rows else {}) if k.startswith("align/layer/")]
+    curves = [("align/train", dict(color="k", lw=2.2, label="whole network, train probe")),
+              ("align/test", dict(color="k", lw=2.2, ls="--", label="whole network, test probe")),
+              ("align/encoder", dict(color="0.45", lw=1.4, ls=":", label="encoder layers")),
+              ("align/decoder", dict(color="0.45", lw=1.4, ls="-.", label="decoder layers"))]
+    curves += [(k, dict(lw=1.0, label=k.removeprefix("align/layer/"))) for k in layers]
+    for key, style in curves:
+        values = [float(r[key]) if _finite(_as_float(r.get(key))) else math.nan for r in rows]
+        if any(math.isfinite(v) for v in values):
+            ax.plot(steps, values, marker="o", markersize=2, **style)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("centred kernel-target alignment")
+    ax.set_title(title or "tangent-kernel alignment", fontsize=9)
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _as_float(value: Any) -> Optional[float]:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -37,6 +37,8 @@ class DataConfig:
     eval_batch_size: int = setting(1000, "batch for evaluation passes (no gradients)", ge=1, le=1_000_000)
     augment: Literal["none", "crop_flip"] = setting("none", "batched on-device augmentation for training images")
     image_size: Optional[int] = setting(None, "image_folder only: resize images to this square size", ge=1, le=4096)
+    label_noise: float = setting(0.0, "share of the training labels replaced by uniformly random classes (seeded; "
+                                 "validation and test labels are kept), for random-label experiments", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -93,6 +95,18 @@ class MIConfig:
 
 
 @dataclass
+class AlignmentConfig:
+    enabled: bool = setting(False, "log the tangent-kernel alignment of the logits with the labels (Baratin et al. "
+                            "2021; docs/monitoring.md) on a fixed probe of training and test inputs")
+    probe_size: int = setting(100, "inputs in each probe, class-balanced: this many from the training split (with "
+                              "the labels it trains on) and as many from the test split", ge=2, le=10_000)
+    every: Union[Literal["log"], int] = setting("log", "when: log = at step 0, the steps floor(5 * 1.15^k) and the "
+                                               "last step (the paper's); N = every N steps and the last", ge=1)
+    layers: Tuple[str, ...] = setting((), "layers logged one by one (align/layer/<name>, names as in "
+                                      "docs/monitoring.md); empty: every layer")
+
+
+@dataclass
 class MonitorConfig:
     units: Literal["nats", "bits"] = setting("nats", "units of every information quantity: logs, plots, metrics.json")
     probe_size: int = setting(2000, "held-out probe set for the information plane: the first N validation images",
@@ -101,6 +115,8 @@ class MonitorConfig:
     test_every: int = setting(0, "evaluate the test split every N epochs too (0: only in a run's last epoch and "
                                 "at a --stop-after epoch); the validation split, which chooses best.pt, is "
                                 "evaluated every epoch", ge=0, le=1_000_000)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig,
+                                       metadata={"help": "the tangent-kernel alignment beside the plane"})
 
 
 AttackName = Literal["fgsm", "pgd_linf", "pgd_l2", "eot_pgd", "noise"]

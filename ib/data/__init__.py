@@ -49,6 +49,7 @@ def load_data(
     val_fraction: float,
     seed: int,
     image_size: Optional[int] = None,
+    label_noise: float = 0.0,
 ) -> DataSplits:
     """Load a registered data set into memory and hold out a validation part of its training split.
 
@@ -64,6 +65,9 @@ def load_data(
         seed: Seed of the validation hold-out.
         image_size: Side to which "image_folder" resizes its images; the other data sets have a fixed size and
             accept only None or that size.
+        label_noise: Share of the training rows (after the hold-out) whose label is replaced by one drawn uniformly
+            from all classes (so it may stay right), as in the random-label experiments of Zhang et al. 2017 and
+            Baratin et al. 2021; validation and test labels are never changed. Seeded by `seed`.
 
     Returns:
         The three splits with class count, input shape, normalisation statistics and class names.
@@ -75,6 +79,8 @@ def load_data(
     loader = DATASETS.get(name)
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= label_noise <= 1.0:
+        raise ConfigError(f"data.label_noise must be in [0, 1], got {label_noise}")
     if image_size is not None and image_size < 1:
         raise ConfigError(f"data.image_size must be a positive integer or null, got {image_size}")
 
@@ -86,6 +92,8 @@ def load_data(
     _check_labels(name, test, len(class_names))
 
     train, val = _hold_out(full_train, val_fraction, seed)
+    if label_noise > 0:
+        train = _randomise_labels(train, label_noise, len(class_names), seed)
     mean, std = _channel_stats(train.x)
     c, h, w = train.x.shape[1:]
     logger.info(
@@ -119,6 +127,18 @@ def _hold_out(split: Split, val_fraction: float, seed: int) -> Tuple[Split, Spli
     val_idx = perm[:n_val].sort().values  # [n_val]
     train_idx = perm[n_val:].sort().values  # [N - n_val]
     return Split(split.x[train_idx], split.y[train_idx]), Split(split.x[val_idx], split.y[val_idx])
+
+
+def _randomise_labels(split: Split, share: float, num_classes: int, seed: int) -> Split:
+    """`split` with the labels of floor(share * N) rows, drawn by a seeded permutation, replaced by uniformly
+    random classes (the inputs are shared, the labels copied)."""
+    g = torch.Generator().manual_seed(seed + 1)  # not the hold-out's stream
+    rows = torch.randperm(len(split), generator=g)[:int(share * len(split))]  # [M]
+    y = split.y.clone()
+    y[rows] = torch.randint(num_classes, (len(rows),), generator=g)
+    logger.info("label noise: %d of %d training labels drawn at random (%d changed)", len(rows), len(y),
+                int((y != split.y).sum()))
+    return Split(split.x, y)
 
 
 def _channel_stats(x: Tensor, max_elements: int = 1 << 22) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ib import __version__, distributed
 from ib.checkpoint import load_checkpoint
 from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, Split, load_data
+from ib.engine.align_monitor import AlignmentMonitor
 from ib.engine.step import Replicas, StepStats
 from ib.errors import CheckpointError, ConfigError
 from ib.estimators import ESTIMATORS, MIEstimator
@@ -180,6 +181,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     proc: distributed.Process = distributed.SINGLE  # this process's place in a torchrun job
     replicas: Optional[Replicas] = None  # DDP wrappers under torchrun
+    alignment: Optional[AlignmentMonitor] = None  # the tangent-kernel alignment monitor (main process only)
 
     def state_dict(self) -> Dict[str, Any]:
         """The run's state; under torchrun the same on every process but for the RNG (rank 0's is saved)."""
@@ -273,7 +275,7 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
     if not first:
         distributed.barrier()
     data = load_data(d.name, root=d.root, download=d.download, val_fraction=d.val_fraction, seed=recipe.seed,
-                     image_size=d.image_size)
+                     image_size=d.image_size, label_noise=d.label_noise)
     if first:
         distributed.barrier()
     probe_share = min(recipe.monitor.probe_size, len(data.val.y) if len(data.val.y) >= 2 else len(data.test.y))
@@ -306,15 +308,20 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
         part = distributed.shard(len(split), proc)
         return Split(split.x[part], split.y[part])
 
+    train_loader = BatchLoader(data.train, d.batch_size, shuffle=True, drop_last=True, device=device, augment=augment,
+                               seed=recipe.seed, rank=proc.rank, world_size=proc.world_size)
+    alignment = None
+    if recipe.monitor.alignment.enabled:  # checked in every process; measured by the main one
+        with _building("monitor.alignment"):
+            alignment = AlignmentMonitor.build(recipe.monitor.alignment, data, model, device, seed=recipe.seed,
+                                               last_step=recipe.epochs * len(train_loader))
     return Run(
         recipe=recipe, data=data, device=device, model=model, estimator=estimator, optimizer=optimizer,
         critic_optimizer=critic_optimizer, beta_schedule=beta_schedule, lr_schedule=lr_schedule,
-        base_lrs=[g["lr"] for g in optimizer.param_groups],
-        train_loader=BatchLoader(data.train, d.batch_size, shuffle=True, drop_last=True, device=device,
-                                 augment=augment, seed=recipe.seed, rank=proc.rank, world_size=proc.world_size),
+        base_lrs=[g["lr"] for g in optimizer.param_groups], train_loader=train_loader,
         val_loader=BatchLoader(share(data.val), d.eval_batch_size, shuffle=False, drop_last=False, device=device),
         test_loader=BatchLoader(share(data.test), d.eval_batch_size, shuffle=False, drop_last=False, device=device),
-        proc=proc, replicas=replicas,
+        proc=proc, replicas=replicas, alignment=alignment if proc.is_main else None,
     )
 
 
@@ -368,7 +375,7 @@ def load_run(path: str | Path, device: Optional[str] = None, *, overrides: Seque
     recipe = recipe_from_dict(state["recipe"], overrides, source=str(ckpt))
     d = recipe.data
     data = load_data(d.name, root=d.root, download=d.download, val_fraction=d.val_fraction, seed=recipe.seed,
-                     image_size=d.image_size)
+                     image_size=d.image_size, label_noise=d.label_noise)
     target = resolve_device(device or recipe.device)
     with torch.random.fork_rng(devices=[]):  # building draws initial weights from the global RNG
         model = build_model(recipe, data)

@@ -5,6 +5,7 @@
         train_one_epoch     the steps of one epoch (`ib.engine.step.train_step`)
         train_summary       the epoch's training sums
         add_evaluation      validation (test in the last epoch) and the information plane
+        add_alignment       the tangent-kernel alignment measured during the epoch (`monitor.alignment`)
         end_epoch           progress, best epoch
       finish                the final `metrics.json`
 """
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from ib import distributed
 from ib.checkpoint import load_checkpoint
 from ib.data import BatchLoader, Split
+from ib.engine.align_monitor import AlignmentMonitor
 from ib.engine.build import Run, build_run
 from ib.engine.run_dir import RunFolder, check_run_dir, metrics_record, prepare_run_dir, record_failure
 from ib.engine.step import StepStats, TrainingError, train_step
@@ -143,6 +145,8 @@ def train_epochs(run: Run, folder: Optional[RunFolder], stop: "StopFlag",
     while progress.epoch < r.epochs:
         epoch = progress.epoch + 1
         t0 = time.perf_counter()
+        if run.alignment is not None and progress.step == 0:
+            run.alignment.measure(run.model, 0)  # at initialisation (in the first epoch's time)
         set_lr(run.optimizer, run.base_lrs, run.lr_schedule.factor(progress.epoch))
         if progress.stats is None:
             progress.stats = StepStats.zeros(run.device, progress.nonfinite_in_a_row)
@@ -151,6 +155,8 @@ def train_epochs(run: Run, folder: Optional[RunFolder], stop: "StopFlag",
         progress.stats.reduce()  # under torchrun: every process's sums, the same everywhere
         if stop and run.train_loader.batches_left() < len(run.train_loader):
             if folder is not None:  # stopped mid-epoch: the loader's position resumes exactly here
+                if run.alignment is not None:
+                    folder.write_alignment(run.alignment.take(), epoch)
                 folder.save_last(run)
             return "interrupted", last
         final = epoch == r.epochs or (stop_after is not None and epoch >= stop_after)
@@ -159,8 +165,11 @@ def train_epochs(run: Run, folder: Optional[RunFolder], stop: "StopFlag",
         row = train_summary(run)
         _warn_if_saturated(run, row, warned, epoch)
         plane = add_evaluation(row, run, probe, epoch, started=t0, test=test, warned=warned)
+        aligned = add_alignment(row, run.alignment)
         improved = end_epoch(run, epoch, row)
         if folder is not None:
+            if run.alignment is not None:
+                folder.write_alignment(aligned, epoch)
             folder.write_epoch(run, row, plane, improved)
         _log_epoch(run, epoch, row)
         last = (row, plane)
@@ -194,6 +203,8 @@ def train_one_epoch(run: Run, loader: BatchLoader, stats: StepStats, *, step: in
                          precision=r.precision, label_smoothing=r.label_smoothing,
                          adaptive_clip=r.mi.adaptive_clip)
         step += 1
+        if run.alignment is not None and run.alignment.due(step):
+            run.alignment.measure(run.model, step)
         if bool(out["finite"]):
             stats.add(out, y.shape[0])
         else:
@@ -254,6 +265,18 @@ def add_evaluation(row: Row, run: Run, probe: Split, epoch: int, *, started: flo
     row.update({"time/epoch_s": epoch_time, "time/eval_s": eval_time,
                 "faults/nonfinite_steps": float(run.progress.nonfinite_steps)})
     return plane
+
+
+def add_alignment(row: Row, monitor: Optional[AlignmentMonitor]) -> List[Row]:
+    """Add to `row` the latest alignment measurement (with its step, `align/step`) and the epoch's time spent
+    measuring; returns the epoch's measurements, for the run folder."""
+    if monitor is None:
+        return []
+    row["time/align_s"] = monitor.seconds
+    rows = monitor.take()
+    if monitor.latest is not None:
+        row.update({("align/step" if k == "step" else k): v for k, v in monitor.latest.items()})
+    return rows
 
 
 def end_epoch(run: Run, epoch: int, row: Row) -> bool:

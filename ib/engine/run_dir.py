@@ -6,6 +6,8 @@ record, and the recipe a resumed run continues with.
       last.pt         the latest checkpoint (every epoch; also when stopped mid-epoch)
       best.pt         the checkpoint of the best validation accuracy
       history.csv     one row per epoch
+      alignment.csv   the tangent-kernel alignment, one row per measurement (monitor.alignment), and alignment/
+                      its TensorBoard sub-run, by step
       metrics.json    the run's summary and status (running, completed, stopped, interrupted, failed)
       events.out.*    TensorBoard scalars and the information-plane figure
 
@@ -26,16 +28,16 @@ from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ib.engine.build import Run
 from ib.errors import CheckpointError, ConfigError, IBError
 from ib.estimators.base import estimator_labels
-from ib.monitor import CSVHistory, EpochLogger, TensorBoardLogger, read_json, write_json
+from ib.monitor import AlignmentLog, CSVHistory, EpochLogger, TensorBoardLogger, read_json, write_json
 from ib.recipe import Recipe, dump_recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
 
 # What a run and its evaluations write into the run folder: `--overwrite` removes these and nothing else.
 RUN_FILES = ("recipe.yaml", "last.pt", "best.pt", "history.csv", "metrics.json", "eval.json", "robustness.csv",
-             "robustness.png", "plane.png", ".hparams_written")
+             "robustness.png", "plane.png", "alignment.csv", "alignment.png", ".hparams_written")
 RUN_FILE_PATTERNS = ("events.out.tfevents.*", ".*.tmp")  # TensorBoard's event files; atomic_write's leftovers
-RUN_FOLDERS = ("eval",)  # `ib eval`'s TensorBoard runs
+RUN_FOLDERS = ("eval", "alignment")  # `ib eval`'s TensorBoard runs; the alignment's, by step
 
 
 def run_files(run_dir: Path) -> List[Path]:
@@ -167,6 +169,16 @@ class RunFolder:
             TensorBoardLogger(run_dir, run.progress.epoch, units=recipe.monitor.units,
                               plane_figure=recipe.monitor.plane_figure, xz_name=labels["label"]),
         ]
+        self.alignment = AlignmentLog(run_dir, run.progress.step) if run.alignment is not None else None
+        if self.alignment is not None and self.alignment.rows and run.progress.step:  # resumed: the latest so far
+            latest = self.alignment.rows[-1]
+            run.alignment.latest = {k: float(v) for k, v in latest.items() if k != "epoch"}
+            run.alignment.measured = int(latest["step"])
+
+    def write_alignment(self, rows: Sequence[Mapping[str, float]], epoch: int) -> None:
+        """The alignment measured in `epoch` (before its checkpoint: a crash leaves no row the resume redoes)."""
+        if self.alignment is not None:
+            self.alignment.log(rows, epoch)
 
     def write_epoch(self, run: Run, row: Mapping[str, float], plane: Mapping[str, float], improved: bool) -> None:
         """An epoch's row to every logger, then (atomically, after the logs) `best.pt` when the validation accuracy
@@ -184,7 +196,7 @@ class RunFolder:
         save_checkpoint(self.path / "last.pt", run.state_dict())
 
     def close(self) -> None:
-        for logger in self.loggers:
+        for logger in [*self.loggers, *([self.alignment] if self.alignment is not None else [])]:
             try:
                 logger.close()
             except Exception as e:  # e.g. a full disk while flushing TensorBoard: the error in flight matters more
