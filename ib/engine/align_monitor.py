@@ -36,19 +36,21 @@ ENCODER_PREFIX = "bottleneck."  # dropped from layer names: encoder.net.0, head,
 
 
 def balanced_sample(split: Split, size: int, num_classes: int, seed: int) -> Split:
-    """`size` rows of `split`, as even over the classes as they allow (size // c each, the first size % c classes
-    one more; a class short of rows leaves its place to the others), each class's rows drawn by a seeded
-    permutation; returned in that permutation's order."""
+    """`size` rows of `split` (at most its length), as even over the classes as they allow: one row per class in
+    turn, a class that has run out of rows leaving its turn to the others; each class's rows drawn by a seeded
+    permutation, returned in that permutation's order."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))  # [N]
     labels = split.y[order]
-    quota = [size // num_classes + (1 if k < size % num_classes else 0) for k in range(num_classes)]
+    available = torch.bincount(labels, minlength=num_classes).tolist()
+    quota, left = [0] * num_classes, min(size, len(split))
+    while left:
+        for k in range(num_classes):
+            if left and quota[k] < available[k]:
+                quota[k] += 1
+                left -= 1
     taken = torch.zeros(len(split), dtype=torch.bool)
     for k in range(num_classes):
-        rows = (labels == k).nonzero().flatten()[:quota[k]]
-        taken[rows] = True
-    short = size - int(taken.sum())
-    if short:  # some class has too few rows: fill up in permutation order
-        taken[(~taken).nonzero().flatten()[:short]] = True
+        taken[(labels == k).nonzero().flatten()[:quota[k]]] = True
     chosen = order[taken]
     return Split(split.x[chosen], split.y[chosen])
 
@@ -76,10 +78,13 @@ class AlignmentMonitor:
 
     def __init__(self, model: nn.Module, probes: Dict[str, Split], num_classes: int, every: str | int,
                  last_step: int, logged: Sequence[str] = ()) -> None:
-        self.layers = kernel_layers(model, prefix_drop=ENCODER_PREFIX)
+        try:
+            self.layers = kernel_layers(model, prefix_drop=ENCODER_PREFIX)
+        except ConfigError as e:
+            raise ConfigError(f"monitor.alignment: {e}") from None
         unknown = [name for name in logged if name not in self.layers]
         if unknown:
-            raise ConfigError(f"layers: no layer {unknown[0]!r} in this model; valid: "
+            raise ConfigError(f"monitor.alignment.layers: no layer {unknown[0]!r} in this model; valid: "
                               f"{', '.join(self.layers)}")
         self.logged = list(logged) or list(self.layers)
         self.groups = {"encoder": [n for n in self.layers if not n.startswith("decoder.")],
@@ -104,7 +109,7 @@ class AlignmentMonitor:
         probes = {}
         for name, split in (("train", data.train), ("test", data.test)):
             if config.probe_size > len(split):
-                raise ConfigError(f"probe_size={config.probe_size} is larger than the {name} split "
+                raise ConfigError(f"monitor.alignment.probe_size={config.probe_size} is larger than the {name} split "
                                   f"({len(split)} samples)")
             part = balanced_sample(split, config.probe_size, data.num_classes, seed)
             x = part.x.to(device)

@@ -312,9 +312,8 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
                                seed=recipe.seed, rank=proc.rank, world_size=proc.world_size)
     alignment = None
     if recipe.monitor.alignment.enabled:  # checked in every process; measured by the main one
-        with _building("monitor.alignment"):
-            alignment = AlignmentMonitor.build(recipe.monitor.alignment, data, model, device, seed=recipe.seed,
-                                               last_step=recipe.epochs * len(train_loader))
+        alignment = AlignmentMonitor.build(recipe.monitor.alignment, data, model, device, seed=recipe.seed,
+                                           last_step=recipe.epochs * len(train_loader))
     return Run(
         recipe=recipe, data=data, device=device, model=model, estimator=estimator, optimizer=optimizer,
         critic_optimizer=critic_optimizer, beta_schedule=beta_schedule, lr_schedule=lr_schedule,
