@@ -119,6 +119,34 @@ class MonitorConfig:
                                        metadata={"help": "the tangent-kernel alignment beside the plane"})
 
 
+def _discriminator_optimizer() -> OptimConfig:
+    return OptimConfig(name="adam", lr=1e-3, betas=(0.5, 0.999))
+
+
+@dataclass
+class AdversarialConfig:
+    name: Literal["none", "pgd", "a3t"] = setting("none", "adversarial training: none; pgd (Madry et al. 2018); a3t "
+                                                  "(Erraqabi et al. 2018: pgd's loss and a discriminator on the code "
+                                                  "that the encoder learns to fool); see docs/adversarial.md")
+    attack: Literal["pgd", "fgsm"] = setting("pgd", "how training examples are perturbed (L-inf, on the sampled "
+                                             "model): pgd, or fgsm (one step of eps, A3T's choice)")
+    eps: float = setting(0.3, "L-inf radius in the [0, 1] pixel scale (MNIST 0.3, Fashion-MNIST 0.1, CIFAR 8/255)",
+                         ge=0.0, le=1.0)
+    steps: int = setting(40, "PGD steps (Madry's MNIST: 40; CIFAR: 10)", ge=1, le=10_000)
+    step_size: float = setting(0.01, "PGD step in the [0, 1] pixel scale (Madry's MNIST: 0.01; CIFAR: 2/255)", gt=0.0,
+                               le=1.0)
+    random_start: bool = setting(True, "PGD starts at a uniform point of the eps-ball")
+    alpha: float = setting(0.0, "weight of the clean cross-entropy: alpha * CE(x) + (1 - alpha) * CE(x_adv) (0: "
+                           "Madry's; 0.5: A3T's and DIAL's even mix)", ge=0.0, le=1.0)
+    disc_layer: str = setting("z", "a3t: the features the discriminator reads: z (the code) or a layer of the model "
+                              "(encoder.net.2, head, ...)")
+    disc_hidden: Tuple[int, ...] = setting((256,), "a3t: hidden widths of the discriminator (ReLU MLP)")
+    disc_weight: float = setting(1.0, "a3t: lambda, the weight of the encoder's reversed discriminator gradient",
+                                 ge=0.0, le=1000.0)
+    disc_optimizer: OptimConfig = field(default_factory=_discriminator_optimizer,
+                                        metadata={"help": "a3t: the discriminator's own optimiser"})
+
+
 AttackName = Literal["fgsm", "pgd_linf", "pgd_l2", "eot_pgd", "noise"]
 
 
@@ -207,6 +235,8 @@ class Recipe:
     mi: MIConfig = field(default_factory=MIConfig, metadata={"help": "the I(X;Z) estimator and its critic"})
     monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "the information plane"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "accuracy and robustness (`ib eval`)"})
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig,
+                                           metadata={"help": "adversarial training (PGD-AT, A3T)"})
 
     def __post_init__(self) -> None:
         if self.beta > 0 and not self.mi.enabled:

@@ -245,3 +245,23 @@ def test_ib_table_compression_reading_finds_rises_and_the_largest_beta_within_tw
     b = next(line for line in lines if line.startswith("- B:"))
     assert "never rises" in b and "no beta keeps test accuracy" in b
     assert bench.compression_lines([], sweeps) == []
+
+
+def test_alignment_benchmark_smoke_on_digits(tmp_path):
+    """benchmarks/alignment.py's cost, paper-setting and report stages on the digits recipe for one epoch: the
+    label-noise runs carry their noise in the saved recipe, and the report has a row per run with alignments in
+    [-1, 1], the measured cost and the figures."""
+    bench = _load("alignment")
+    out = tmp_path / "results" / "alignment.md"
+    bench.main(["--stages", "cost,paper,report", "--recipe", str(BENCHMARKS.parent / "recipes" / "digits.yaml"), "--epochs", "1",
+                "--seeds", "0", "--work", str(tmp_path / "work"), "--out", str(out), "--",
+                "model.encoder.hidden=[32]"])
+    saved = load_recipe(tmp_path / "work" / "paper" / "label_noise_50" / "seed_0" / "recipe.yaml")
+    assert saved.data.label_noise == 0.5 and saved.optimizer.name == "sgd" and saved.monitor.alignment.enabled
+    text = out.read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| label noise")]
+    assert [r[0].strip() for r in rows[:3]] == ["label noise 0 %", "label noise 20 %", "label noise 50 %"]
+    for r in rows[:3]:
+        assert all(-1.0 <= float(c) <= 1.0 for c in r[2:8])
+    assert re.search(r"one measurement .*\*\*\d+\.\d+ s\*\*", text)
+    assert (out.parent / "alignment_label_noise.png").is_file() and "](alignment_label_noise.png)" in text

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ib import __version__, distributed
 from ib.checkpoint import load_checkpoint
 from ib.data import AUGMENTATIONS, BatchLoader, DataSplits, Split, load_data
+from ib.adversarial import AdversarialTraining
 from ib.engine.align_monitor import AlignmentMonitor
 from ib.engine.step import Replicas, StepStats
 from ib.errors import CheckpointError, ConfigError
@@ -182,6 +183,8 @@ class Run:
     proc: distributed.Process = distributed.SINGLE  # this process's place in a torchrun job
     replicas: Optional[Replicas] = None  # DDP wrappers under torchrun
     alignment: Optional[AlignmentMonitor] = None  # the tangent-kernel alignment monitor (main process only)
+    adversarial: Optional[AdversarialTraining] = None  # adversarial training (and A3T's discriminator)
+    adversarial_optimizer: Optional[torch.optim.Optimizer] = None  # the discriminator's (A3T only)
 
     def state_dict(self) -> Dict[str, Any]:
         """The run's state; under torchrun the same on every process but for the RNG (rank 0's is saved)."""
@@ -193,6 +196,9 @@ class Run:
             "estimator": self.estimator.state_dict() if self.estimator is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer is not None else None,
+            "adversarial": self.adversarial.state_dict() if self.adversarial is not None else None,
+            "adversarial_optimizer": (self.adversarial_optimizer.state_dict()
+                                      if self.adversarial_optimizer is not None else None),
             "beta_schedule": self.beta_schedule.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "train_loader": self.train_loader.state_dict(),
@@ -208,6 +214,10 @@ class Run:
             if self.critic_optimizer is not None:  # critic-free bounds (vib_kl) have no optimiser
                 load_optimizer(self.critic_optimizer, state["critic_optimizer"])
         load_optimizer(self.optimizer, state["optimizer"])
+        if self.adversarial is not None:
+            self.adversarial.load_state_dict(state["adversarial"])
+            if self.adversarial_optimizer is not None:
+                load_optimizer(self.adversarial_optimizer, state["adversarial_optimizer"])
         self.beta_schedule.load_state_dict(state["beta_schedule"])
         # The schedule spans the run's length, which `--resume DIR epochs=M` may lengthen: the epochs left follow
         # the M-epoch schedule (a cosine decay would otherwise sit at its floor for every added epoch).
@@ -294,6 +304,7 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
         if any(True for _ in estimator.parameters()):  # bounds without a critic (e.g. a KL bound) train nothing
             critic_optimizer = build_optimizer(recipe.mi.optimizer, list(estimator.parameters()))
     optimizer = build_optimizer(recipe.optimizer, list(model.parameters()))
+    adversarial, adversarial_optimizer = build_adversarial(recipe, model, data.in_shape, proc)
     beta_schedule = create_beta_schedule(recipe.beta_schedule.name, recipe.beta, **recipe.beta_schedule.options)
     lr_schedule = create_lr_schedule(recipe.lr_schedule.name, recipe.epochs, **recipe.lr_schedule.options)
     augment = AUGMENTATIONS[d.augment]
@@ -320,8 +331,26 @@ def build_run(recipe: Recipe, proc: distributed.Process = distributed.SINGLE,
         base_lrs=[g["lr"] for g in optimizer.param_groups], train_loader=train_loader,
         val_loader=BatchLoader(share(data.val), d.eval_batch_size, shuffle=False, drop_last=False, device=device),
         test_loader=BatchLoader(share(data.test), d.eval_batch_size, shuffle=False, drop_last=False, device=device),
-        proc=proc, replicas=replicas, alignment=alignment if proc.is_main else None,
+        proc=proc, replicas=replicas, alignment=alignment if proc.is_main else None, adversarial=adversarial,
+        adversarial_optimizer=adversarial_optimizer,
     )
+
+
+def build_adversarial(recipe: Recipe, model: nn.Module, in_shape: Sequence[int], proc: distributed.Process
+                      ) -> Tuple[Optional[AdversarialTraining], Optional[torch.optim.Optimizer]]:
+    """The recipe's adversarial training, with A3T's discriminator (on the model's device) and its optimiser."""
+    cfg = recipe.adversarial
+    if cfg.name == "none":
+        return None, None
+    if proc.distributed:
+        raise ConfigError("adversarial training runs in one process only for now (drop torchrun, or set "
+                          "adversarial.name=none)")
+    if recipe.mi.adaptive_clip:
+        raise ConfigError("mi.adaptive_clip scales the penalty against the clean cross-entropy alone; it does not "
+                          "combine with adversarial training (set one of them off)")
+    adversarial = AdversarialTraining(cfg, model, tuple(in_shape)).to(next(model.parameters()).device)
+    params = list(adversarial.parameters())
+    return adversarial, build_optimizer(cfg.disc_optimizer, params) if params else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -191,8 +191,9 @@ def train_one_epoch(run: Run, loader: BatchLoader, stats: StepStats, *, step: in
     """
     r = run.recipe
     run.model.train()
-    if run.estimator is not None:
-        run.estimator.train()
+    for module in (run.estimator, run.adversarial):
+        if module is not None:
+            module.train()
     bar = tqdm(loader, total=loader.batches_left(), desc=desc, leave=False, dynamic_ncols=True,
                disable=None if show_progress else True)
     for x, y in bar:
@@ -201,7 +202,8 @@ def train_one_epoch(run: Run, loader: BatchLoader, stats: StepStats, *, step: in
                          critic_steps=r.mi.critic_steps, grad_clip=r.optimizer.grad_clip,
                          critic_grad_clip=r.mi.optimizer.grad_clip, fused=r.mi.fused, replicas=run.replicas,
                          precision=r.precision, label_smoothing=r.label_smoothing,
-                         adaptive_clip=r.mi.adaptive_clip)
+                         adaptive_clip=r.mi.adaptive_clip, adversarial=run.adversarial,
+                         adversarial_optimizer=run.adversarial_optimizer)
         step += 1
         if run.alignment is not None and run.alignment.due(step):
             run.alignment.measure(run.model, step)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ib import distributed
+from ib.adversarial import AdversarialTraining
 from ib.errors import IBError
 from ib.estimators import MIEstimator
 from ib.models.bottlenecks import Code
@@ -52,6 +53,7 @@ class StepStats:
     steps: int = 0
     nonfinite: int = 0
     nonfinite_in_a_row: int = 0  # ending at the last step; carried over from the epochs before (not a sum)
+    extra: Dict[str, Tensor] = field(default_factory=dict)  # sums of the adversarial terms ("adv/ce_adv", ...)
 
     @classmethod
     def zeros(cls, device: torch.device, nonfinite_in_a_row: int = 0) -> "StepStats":
@@ -67,15 +69,20 @@ class StepStats:
         self.correct += out["correct"]
         self.seen += batch
         self.steps += 1
+        for key, value in out.items():
+            if key.startswith("adv/"):
+                self.extra[key] = self.extra.get(key, torch.zeros_like(self.loss)) + value.detach()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss": self.loss, "ce": self.ce, "mi_bound": self.mi_bound, "correct": self.correct,
                 "seen": self.seen, "steps": self.steps, "nonfinite": self.nonfinite,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "extra": dict(self.extra)}
 
     def load_state_dict(self, state: Dict[str, Any], rank: int = 0) -> None:
         """Sums saved by `reduce`d stats: every process takes the step means, rank 0 alone the counts."""
         for k, v in state.items():
+            if k == "extra":
+                v = {key: t.to(self.loss.device) for key, t in v.items()}
             setattr(self, k, v.to(self.loss.device) if isinstance(v, Tensor) else v)
         if rank:
             self.correct, self.seen = torch.zeros_like(self.correct), 0
@@ -98,6 +105,7 @@ class StepStats:
                "acc/train": float(self.correct) / max(self.seen, 1)}
         if with_mi:
             row["mi/I_XZ_train"] = float(self.mi_bound) / n
+        row.update({key: float(total) / n for key, total in self.extra.items()})
         return row
 
 
@@ -175,6 +183,8 @@ def train_step(
     precision: Precision = "fp32",
     label_smoothing: float = 0.0,
     adaptive_clip: bool = False,
+    adversarial: Optional[AdversarialTraining] = None,
+    adversarial_optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Dict[str, Tensor]:
     """One minimax step on a batch. Returns detached terms; `finite` is False when the step was skipped.
 
@@ -193,13 +203,18 @@ def train_step(
     of the critic's gradients. `replicas`: the DistributedDataParallel wrappers to run the forward passes through,
     under torchrun. `precision`: "fp32" or "bf16" (the forward passes under `autocast`). `label_smoothing`: of the
     cross-entropy, 0 for none. `adaptive_clip`: MINE's adaptive gradient clipping (`adaptive_clipped_backward`),
-    in the two-pass step.
+    in the two-pass step. `adversarial` (with the discriminator's `adversarial_optimizer` for A3T): adversarial
+    training (`ib.adversarial`), in the two-pass step; its terms come back as "adv/ce_adv" (and "adv/disc_loss",
+    "adv/disc_acc").
     """
-    if (fused and not adaptive_clip and estimator is not None and critic_optimizer is not None and critic_steps == 1
+    if (fused and not adaptive_clip and adversarial is None and estimator is not None
+            and critic_optimizer is not None and critic_steps == 1
             and estimator.loss_is_minus_penalty):  # jsd/smile: the critic's loss is not -penalty
         return _fused_step(model, estimator, optimizer, critic_optimizer, x, y, beta, grad_clip, critic_grad_clip,
                            replicas, precision, label_smoothing)
-    with autocast(x.device, precision):  # z [B, K], sampled once for both players
+    x_adv = adversarial.perturb(model, x, y) if adversarial is not None else None
+    capture = adversarial.capture(model) if adversarial is not None else contextlib.nullcontext({})
+    with autocast(x.device, precision), capture as features:  # z [B, K], sampled once for both players
         code, logits = replicas.forward(x) if replicas is not None else (model.encode(x), None)
     mi_bound = torch.full((), math.nan)
     checks: List[Tensor] = []
@@ -207,24 +222,35 @@ def train_step(
         mi_bound = critic_step(estimator, critic_optimizer, x, code.z.detach(), critic_steps,
                                replicas.critic_loss if replicas is not None else None, precision, critic_grad_clip)
         checks.append(mi_bound)  # NaN when the critic's update was not finite
+    adv: Dict[str, Tensor] = {}
     with autocast(x.device, precision):
         out = ib_objective(model, estimator, x, y, beta, code=code, logits=logits, label_smoothing=label_smoothing)
+        if adversarial is not None:
+            adv = adversarial.objective(model, x_adv, y, out["ce"], features.get("features", code.z),
+                                        label_smoothing)
+            out["loss"] = out["loss"] + adv.pop("loss_delta")
     if estimator is not None and critic_optimizer is None:  # critic-free (vib_kl): report its own bound
         mi_bound = out["mi"].detach() if beta > 0 else _penalty_value(estimator, x, code)
-    optimizer.zero_grad(set_to_none=True)
+    players = [opt for opt in (optimizer, adversarial_optimizer) if opt is not None]
+    for opt in players:
+        opt.zero_grad(set_to_none=True)
     if adaptive_clip and estimator is not None and beta > 0:
         adaptive_clipped_backward(model, out["ce"], beta * out["mi"])
     else:
         out["loss"].backward()
     checks += _clipped_or_grads([p for p in model.parameters() if p.grad is not None], grad_clip)
+    if adversarial_optimizer is not None:
+        checks += _clipped_or_grads([p for p in adversarial.parameters() if p.grad is not None],
+                                    adversarial.config.disc_optimizer.grad_clip)
     finite = distributed.all_true(_all_finite([out["loss"], *checks]), x.device)
-    if finite:
-        optimizer.step()
-    else:
-        optimizer.zero_grad(set_to_none=True)
+    for opt in players:
+        if finite:
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
     correct = (out["logits"].detach().argmax(1) == y).sum()
     return {"loss": out["loss"].detach(), "ce": out["ce"].detach(), "mi_bound": mi_bound.to(x.device),
-            "correct": correct, "finite": torch.tensor(finite)}
+            "correct": correct, "finite": torch.tensor(finite), **{f"adv/{k}": v.detach() for k, v in adv.items()}}
 
 
 def adaptive_clipped_backward(model: IBClassifier, main: Tensor, penalty: Tensor) -> None:
