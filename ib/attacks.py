@@ -12,6 +12,7 @@ under `torch.inference_mode()` or `torch.no_grad()`.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Optional, Tuple
 
 import torch
@@ -68,6 +69,24 @@ def sampled_loss(model: nn.Module, samples: int = 1, kind: LossKind = "ce") -> L
     def loss(x: Tensor, y: Tensor) -> Tensor:
         logits = sampled_logits(model, x, samples)  # [S, B, classes]
         return classification_loss(logits, y.expand(logits.shape[0], -1), kind).mean(0)  # [B]
+
+    return loss
+
+
+def predictor_loss(model: nn.Module, samples: int, kind: LossKind = "ce", repeats: int = 1) -> LossFn:
+    """Loss of the sampled model's own prediction, the mean softmax over `samples` fresh draws of Z:
+    -log mean_s p(y | z_s) for "ce", the margin of log mean_s p(. | z_s) for "margin". This is the loss of the
+    predictor that the sampled variant's accuracy judges, where `sampled_loss` averages the loss of single draws.
+    With `repeats` > 1, the mean over that many independent predictions (the EOT gradient of the predictor)."""
+    checks.integer("samples", samples, minimum=1, error=ValueError)
+    checks.integer("repeats", repeats, minimum=1, error=ValueError)
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        logits = sampled_logits(model, x, samples * repeats)  # [R S, B, classes]
+        log_p = logits.log_softmax(-1).unflatten(0, (repeats, samples))  # [R, S, B, classes]
+        log_mean = torch.logsumexp(log_p, dim=1) - math.log(samples)  # [R, B, classes], log of the mean softmax
+        # cross_entropy of log-probabilities is -log p_y, since softmax(log p) = p
+        return classification_loss(log_mean, y.expand(repeats, -1), kind).mean(0)  # [B]
 
     return loss
 

@@ -188,6 +188,8 @@ def eval_overrides(args: argparse.Namespace) -> List[str]:
             out.append(f"eval.{key}=[{','.join(items)}]")
         else:
             out.append(f"eval.{key}={value}")
+    if getattr(args, "autoattack", False):
+        out.append("eval.autoattack=true")
     return out + list(args.overrides)
 
 
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, metavar="N", help="N samples of the split only, drawn by a seeded permutation")
     ev.add_argument("--restarts", type=int, metavar="R", help="PGD random restarts")
     ev.add_argument("--batch-size", type=int, metavar="B", help="samples per attack batch")
+    ev.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard on the mean code, rand "
+                    "on the sampled model) and check our PGD against it; needs pip install 'ib[autoattack]'")
     ev.set_defaults(func=_eval)
     return parser
 

@@ -9,7 +9,9 @@ The sanity checks (`eval.json` "checks", and an `EvalWarning` for each one that 
   4. `pgd_not_weaker_than_fgsm`: L-inf PGD (and EOT-PGD) is at least as strong as FGSM at the same eps;
   5. `gradients_reach_input`: the loss has a non-zero, finite input gradient for nearly every sample;
   6. `unbounded_attack_succeeds`: L-inf PGD at eps 1 (any image in [0, 1]) brings accuracy near 0.
-  Failures of 4-6 point to gradient masking: the numbers then overstate robustness.
+  7. `pgd_agrees_with_autoattack` (with `autoattack`): our strongest L-inf PGD reads at most 2 points above
+     AutoAttack at the same variant and radius (`ib.autoattack`).
+  Failures of 4-7 point to gradient masking or a weak attack: the numbers then overstate robustness.
 """
 from __future__ import annotations
 
@@ -23,15 +25,17 @@ import torch
 from torch import nn
 
 from ib import __version__, distributed
-from ib.attacks import LossKind, input_gradient, mean_code_loss, pgd, sampled_loss
+from ib.attacks import LossKind, input_gradient, pgd
+from ib.autoattack import ATTACKS as AUTOATTACKS
+from ib.autoattack import agreement_check, autoattack_rows, load_autoattack
 from ib.data import BatchLoader, Split
 from ib.engine.build import load_run
 from ib.errors import ConfigError
 from ib.modes import evaluating, seeded
 from ib.monitor import write_eval_outputs
 from ib.recipe import AttackName, Recipe, check_attacks, check_radii
-from ib.robustness import (LINF_PGD, THREATS, Variant, clean_metrics, derive_seed, headline_robust_accuracy, is_correct,
-                           robustness_sweep)
+from ib.robustness import (LINF_PGD, THREATS, SampledLoss, Variant, attack_loss, clean_metrics, derive_seed,
+                           headline_robust_accuracy, is_correct, robustness_sweep)
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,11 @@ def eval_mode_check(model: nn.Module, loader: BatchLoader, was_training: List[st
 
 
 def gradient_check(model: nn.Module, loader: BatchLoader, variants: Sequence[Variant], loss_kind: LossKind,
-                    seed: int) -> Dict[str, Any]:
+                    seed: int, sampled: SampledLoss = "mean_softmax") -> Dict[str, Any]:
     fractions: Dict[str, float] = {}
     for x, y in loader:  # one batch: the first PROBE_SAMPLES samples
         for v in variants:
-            loss = mean_code_loss(model, loss_kind) if v.samples == 0 else sampled_loss(model, 1, loss_kind)
+            loss = attack_loss(model, v, eot=False, eot_samples=1, loss_kind=loss_kind, sampled=sampled)
             with seeded(derive_seed(seed, "gradient", v.name), x.device):
                 g = input_gradient(loss, x, y).flatten(1)  # [B, D]
             dead = (g.abs().sum(1) == 0) | ~torch.isfinite(g).all(1)  # [B]
@@ -94,12 +98,13 @@ def gradient_check(model: nn.Module, loader: BatchLoader, variants: Sequence[Var
 
 
 def unbounded_check(model: nn.Module, loader: BatchLoader, variants: Sequence[Variant], *, steps: int,
-                     eot_samples: int, loss_kind: LossKind, seed: int) -> Dict[str, Any]:
+                     eot_samples: int, loss_kind: LossKind, seed: int,
+                     sampled: SampledLoss = "mean_softmax") -> Dict[str, Any]:
     if len(loader) == 0:
         return _check("unbounded_attack_succeeds", None, "skipped (check_samples=0)")
     accuracy: Dict[str, float] = {}
     for v in variants:
-        loss = mean_code_loss(model, loss_kind) if v.samples == 0 else sampled_loss(model, eot_samples, loss_kind)
+        loss = attack_loss(model, v, eot=True, eot_samples=eot_samples, loss_kind=loss_kind, sampled=sampled)
         right = n = 0
         for i, (x, y) in enumerate(loader):
             with seeded(derive_seed(seed, "unbounded", v.name, i), x.device):
@@ -194,6 +199,8 @@ def evaluate_model(
     ece_bins: int = 15,
     tolerance: float = 0.005,
     check_samples: int = 500,
+    sampled_loss: SampledLoss = "mean_softmax",
+    autoattack: bool = False,
 ) -> Dict[str, Any]:
     """Clean metrics, the robustness sweep and the sanity checks of `model` on `split`.
 
@@ -219,12 +226,19 @@ def evaluate_model(
         ece_bins: Bins of the expected calibration error.
         tolerance: Accuracy slack of checks 3 and 4 (at least one sample).
         check_samples: Samples of the unbounded-attack check (0 skips it).
+        sampled_loss: What attacks on the sampled variant ascend: "mean_softmax", the loss of its prediction
+            -log mean_z p(y|z) over its `samples` draws (EOT-PGD: averaged over `eot_samples` predictions), or
+            "per_draw", the loss of one draw (EOT-PGD: averaged over `eot_samples` draws).
+        autoattack: also run AutoAttack at each L-inf radius (`ib.autoattack`: the standard version on the mean
+            code, `rand` on the sampled model; needs the `ib[autoattack]` extra) and check 7.
 
     Returns:
         {"n", "clean", "robustness", "robust_accuracy", "robust_accuracy_of", "checks", "all_checks_passed", "notes",
         "settings", "seconds"}; `robust_accuracy` as in `headline_robust_accuracy`.
     """
     t0 = time.perf_counter()
+    if autoattack:
+        load_autoattack()  # a missing extra is said before any work
     attacks = list(check_attacks("attacks", list(attacks)))
     notes: List[str] = []
     if samples == 0 and "eot_pgd" in attacks:
@@ -251,19 +265,26 @@ def evaluate_model(
         clean = clean_metrics(model, loader, variants, seed=seed, ece_bins=ece_bins)
         clean_seconds = time.perf_counter() - t1
         rows = robustness_sweep(model, loader, variants, grid, steps=steps, step_size=step_size,
-                                restarts=restarts, eot_samples=eot_samples, loss_kind=loss, seed=seed)
+                                restarts=restarts, eot_samples=eot_samples, loss_kind=loss, seed=seed,
+                                sampled_loss=sampled_loss)
+        if autoattack:
+            rows += autoattack_rows(model, loader, variants, radii["linf"], seed=seed)
         checks += sanity_checks(clean, rows, tolerance=tolerance)
         probe = _batches(split, batch_size, device, min(batch_size, PROBE_SAMPLES), seed)
-        checks.append(gradient_check(model, probe, variants, loss, seed))
+        checks.append(gradient_check(model, probe, variants, loss, seed, sampled_loss))
         checks.append(unbounded_check(model, _batches(split, batch_size, device, check_samples, seed), variants,
-                                      steps=steps, eot_samples=eot_samples, loss_kind=loss, seed=seed))
+                                      steps=steps, eot_samples=eot_samples, loss_kind=loss, seed=seed,
+                                      sampled=sampled_loss))
+        if autoattack:
+            checks.append(agreement_check(rows))
     for c in checks:
         if c["passed"] is False:
             warnings.warn(f"ib eval: check {c['name']} failed: {c['detail']}", EvalWarning, stacklevel=2)
     settings = {"attacks": attacks, "eps": list(radii["linf"]), "eps_l2": list(radii["l2"]),
                 "sigmas": list(radii["noise"]), "steps": steps, "step_size": step_size,
                 "step_rule": "step = step_size * eps / steps", "restarts": restarts, "samples": samples,
-                "eot_samples": eot_samples, "loss": loss, "batch_size": batch_size, "seed": seed, "ece_bins": ece_bins,
+                "eot_samples": eot_samples, "loss": loss, "sampled_loss": sampled_loss, "batch_size": batch_size,
+                "seed": seed, "ece_bins": ece_bins, "autoattack": autoattack,
                 "tolerance": tolerance, "check_samples": check_samples}
     headline = headline_robust_accuracy(rows, "sampled" if samples > 0 else "mean")
     return {"n": len(split.y), "clean": clean, "clean_seconds": clean_seconds, "robustness": rows,
@@ -308,8 +329,12 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), *, device: Opt
     other = [o for o in overrides if not o.startswith("eval.")]
     if other:
         raise ConfigError(f"ib eval takes eval.* settings only (the run was trained as it was), got '{other[0]}'")
+    if any(o.replace(" ", "").lower() in ("eval.autoattack=true", "eval.autoattack=yes") for o in overrides):
+        load_autoattack()  # before the checkpoint and the data are loaded
     run = load_run(path, device, overrides=overrides)
     settings = run.recipe.eval
+    if settings.autoattack:
+        load_autoattack()
     split = run.data.test if settings.split == "test" else run.data.val
     if settings.limit is not None:  # drawn by a seeded permutation: every class, whatever the split's order
         split = split.sample(settings.limit, settings.seed)
@@ -323,9 +348,10 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), *, device: Opt
         steps=settings.steps, step_size=settings.step_size, restarts=settings.restarts, samples=samples,
         eot_samples=settings.eot_samples, loss=settings.loss, batch_size=batch_size, seed=settings.seed,
         ece_bins=settings.ece_bins, tolerance=settings.tolerance, check_samples=settings.check_samples,
+        sampled_loss=settings.sampled_loss, autoattack=settings.autoattack,
     )
     report = {"checkpoint": str(run.checkpoint), "epoch": run.epoch, "split": settings.split,
               "limit": settings.limit, **result, "wall_seconds": time.perf_counter() - t0,
               "device": str(_device(run.model)), "ib_version": __version__}
-    write_eval_outputs(run.run_dir, report, list(THREATS), tensorboard=tensorboard)
+    write_eval_outputs(run.run_dir, report, [*THREATS, *AUTOATTACKS], tensorboard=tensorboard)
     return report

@@ -175,7 +175,7 @@ def robustness_figure(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str],
     axes = fig.subplots(1, max(len(threats), 1), squeeze=False)[0]
     xlabel = {"linf": "eps (L-inf, [0, 1] pixel scale)", "l2": "eps (L2, [0, 1] pixel scale)",
               "noise": "noise sigma ([0, 1] pixel scale)"}
-    colours = ["C0", "C1", "C2", "C3", "C4"]  # one per attack, whichever panel it is on
+    colours = [f"C{i}" for i in range(10)]  # one per attack, whichever panel it is on
     for ax, threat in zip(axes, threats):
         for attack, variant in sorted({(r["attack"], r["variant"]) for r in rows if r["threat"] == threat}):
             curve = sorted((r["eps"], r["accuracy"]) for r in rows if (r["attack"], r["variant"]) == (attack, variant))

@@ -195,6 +195,12 @@ class EvalConfig:
     eot_samples: int = setting(8, "draws of Z averaged into each EOT-PGD gradient", ge=1, le=10_000)
     loss: Literal["ce", "margin"] = setting("ce", "what the gradient attacks ascend: cross-entropy (Madry et al.) or "
                                            "the margin max_j z_j - z_y (Carlini-Wagner)")
+    sampled_loss: Literal["mean_softmax", "per_draw"] = setting(
+        "mean_softmax", "what attacks on the sampled model ascend: the loss of its prediction, -log mean_z p(y|z) "
+        "over its draws (eot_pgd: averaged over eot_samples predictions), or per_draw: one draw's loss per "
+        "gradient (eot_pgd: averaged over eot_samples draws)")
+    autoattack: bool = setting(False, "also run AutoAttack (standard on the mean code, rand on the sampled model) "
+                               "at each eps, and check our PGD against it; needs pip install 'ib[autoattack]'")
     limit: Optional[int] = setting(None, "evaluate N samples of the split only, drawn by a seeded permutation (null: all)", ge=1)
     batch_size: Optional[int] = setting(None, "samples per attack batch (null: data.eval_batch_size)", ge=1,
                                        le=1_000_000)

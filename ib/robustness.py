@@ -5,8 +5,10 @@ Two model variants are evaluated everywhere:
   * `mean`: the deterministic model that decodes the noise-free code, `model(x, sample=False)`;
   * `sampled`: the stochastic model, whose prediction is the mean softmax over K draws of Z (as `predict_proba`);
     `accuracy_per_draw` is the accuracy of one draw, averaged over the K draws.
-The attacks on `sampled` follow one random code per gradient (fgsm, pgd_linf, pgd_l2) or the average over
-`eot_samples` codes (eot_pgd). Every prediction of a batch uses the same codes (common random numbers, seeded per
+The attacks on `sampled` ascend the loss of its prediction, -log mean_z p(y|z) over its K draws (fgsm, pgd_linf,
+pgd_l2), and eot_pgd the mean of that over `eot_samples` independent predictions (`sampled_loss="mean_softmax"`, the
+default); with `sampled_loss="per_draw"` they follow one random code per gradient, and eot_pgd the cross-entropy
+averaged over `eot_samples` codes. Every prediction of a batch uses the same codes (common random numbers, seeded per
 batch), so an attack at eps 0 reproduces the clean accuracy exactly and accuracies at different eps differ by the
 attack alone.
 """
@@ -17,14 +19,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ib.attacks import LossKind, fgsm, gaussian_noise, mean_code_loss, pgd, sampled_logits, sampled_loss
+from ib.attacks import (LossFn, LossKind, fgsm, gaussian_noise, mean_code_loss, pgd, predictor_loss, sampled_logits,
+                        sampled_loss)
 from ib.data import BatchLoader
 from ib.modes import seeded
 
@@ -86,6 +89,21 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, bins: int = 
     return float(gap.abs().sum() / confidence.numel())
 
 
+SampledLoss = Literal["mean_softmax", "per_draw"]
+
+
+def attack_loss(model: nn.Module, variant: Variant, *, eot: bool, eot_samples: int, loss_kind: LossKind,
+                sampled: SampledLoss = "mean_softmax") -> LossFn:
+    """What a gradient attack on `variant` ascends (module docstring); `eot`: the EOT-PGD form."""
+    if variant.samples == 0:
+        return mean_code_loss(model, loss_kind)
+    if sampled == "per_draw":
+        return sampled_loss(model, eot_samples if eot else 1, loss_kind)
+    if sampled != "mean_softmax":
+        raise ValueError(f"sampled_loss must be 'mean_softmax' or 'per_draw', got {sampled!r}")
+    return predictor_loss(model, variant.samples, loss_kind, repeats=eot_samples if eot else 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Clean metrics and the sweep
 
@@ -135,14 +153,13 @@ def _perturb(
     restarts: int,
     eot_samples: int,
     loss_kind: LossKind,
+    sampled: SampledLoss,
     select_seed: int,
 ) -> Tensor:
     if attack == "noise":
         return gaussian_noise(x, radius)
-    if variant.samples == 0:
-        loss = mean_code_loss(model, loss_kind)
-    else:
-        loss = sampled_loss(model, eot_samples if attack == "eot_pgd" else 1, loss_kind)
+    loss = attack_loss(model, variant, eot=attack == "eot_pgd", eot_samples=eot_samples, loss_kind=loss_kind,
+                       sampled=sampled)
     if attack == "fgsm":
         return fgsm(loss, x, y, radius)
 
@@ -166,6 +183,7 @@ def robustness_sweep(
     eot_samples: int,
     loss_kind: LossKind,
     seed: int,
+    sampled_loss: SampledLoss = "mean_softmax",
 ) -> List[Dict[str, Any]]:
     """Accuracy of each variant under each (attack, radius) of `grid`.
 
@@ -192,13 +210,14 @@ def robustness_sweep(
             with seeded(derive_seed(seed, *attack_key), x.device):
                 x_adv = _perturb(attack, model, variant, x, y, radius, steps=steps if radius > 0 else 1,
                                  step_size=step_size, restarts=restarts, eot_samples=eot_samples,
-                                 loss_kind=loss_kind, select_seed=derive_seed(seed, "select", i))
+                                 loss_kind=loss_kind, sampled=sampled_loss,
+                                 select_seed=derive_seed(seed, "select", i))
             ok, ok_draw = is_correct(model, variant, x_adv, y, predict_seed)
             right += float(ok.sum())
             per_draw += float(ok_draw.sum())
             n += y.shape[0]
         row = {"attack": attack, "variant": variant.name, "threat": THREATS[attack], "eps": radius,
-               "loss": None if attack == "noise" else loss_kind,
+               "loss": None if attack == "noise" else _loss_name(loss_kind, variant, sampled_loss),
                "accuracy": right / n if n else math.nan,
                "accuracy_per_draw": (per_draw / n if n else math.nan) if variant.samples else None,
                "n": n, "seconds": time.perf_counter() - t0}
@@ -211,6 +230,11 @@ def robustness_sweep(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole evaluation of one model
+
+
+def _loss_name(kind: LossKind, variant: Variant, sampled: SampledLoss) -> str:
+    """The `loss` column of a row: "ce" or "margin", with "/mean_softmax" or "/per_draw" on the sampled variant."""
+    return kind if variant.samples == 0 else f"{kind}/{sampled}"
 
 
 def headline_robust_accuracy(rows: Sequence[Mapping[str, Any]], variant: str) -> Optional[Dict[str, Any]]:
