@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.alignment import layer_kernels  # noqa: E402
-from ib.engine import fit, resume_recipe  # noqa: E402
 from ib.engine.align_monitor import log_spaced_steps  # noqa: E402
 from ib.engine.build import build_run  # noqa: E402
 from ib.monitor import read_csv, read_json  # noqa: E402
 from ib.recipe import load_recipe  # noqa: E402
+from runs import train_or_resume  # noqa: E402
 from train_speed import cpu_name  # noqa: E402
 
 log = logging.getLogger("alignment")
@@ -64,24 +64,13 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_").replace("__", "_")
 
 
-def train(recipe: Path, overrides: Sequence[str], run_dir: Path, epochs: int) -> None:
-    """Train (or resume, or skip when finished) one run of `recipe` with `overrides`."""
-    metrics = read_json(run_dir / "metrics.json") or {}
-    if metrics.get("status") == "completed" and metrics.get("epochs") == epochs:
-        return
-    if (run_dir / "last.pt").is_file():
-        fit(resume_recipe(run_dir, [f"epochs={epochs}"]), run_dir, resume=True)
-    else:
-        fit(load_recipe(recipe, [*overrides, f"epochs={epochs}"]), run_dir, overwrite=True)
-
-
 def stage_runs(configs: Dict[str, Tuple[str, ...]], group: str, args) -> None:
     for seed in args.seeds:
         for name, overrides in configs.items():
             run_dir = Path(args.work) / group / slug(name) / f"seed_{seed}"
             log.info("%s: %s, seed %d", group, name, seed)
             settings = [*overrides, *MONITOR, f"seed={seed}", f"data.root={args.mnist_root}", *args.overrides]
-            train(Path(args.recipe), settings, run_dir, args.epochs if group == "paper" else args.ib_epochs)
+            train_or_resume(Path(args.recipe), settings, run_dir, args.epochs if group == "paper" else args.ib_epochs)
 
 
 def cost(args) -> List[str]:

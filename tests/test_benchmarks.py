@@ -265,3 +265,22 @@ def test_alignment_benchmark_smoke_on_digits(tmp_path):
         assert all(-1.0 <= float(c) <= 1.0 for c in r[2:8])
     assert re.search(r"one measurement .*\*\*\d+\.\d+ s\*\*", text)
     assert (out.parent / "alignment_label_noise.png").is_file() and "](alignment_label_noise.png)" in text
+
+
+def test_adversarial_table_smoke_on_digits(tmp_path):
+    """benchmarks/adversarial_table.py for one epoch of the bundled digits, two rows: the table has a row each with
+    clean and attacked accuracies in [0, 100], PGD-40 no weaker than FGSM up to the sanity check's slack, A3T's
+    discriminator accuracy, and a CSV row per run."""
+    bench = _load("adversarial_table")
+    out = tmp_path / "adversarial_table.md"
+    bench.main(["--datasets", "digits", "--models", "cnn", "--rows", "standard,a3t", "--epochs", "1",
+                "--eval-limit", "40", "--work", str(tmp_path / "work"), "--out", str(out), "--",
+                "model.encoder.channels=[4]", "model.encoder.hidden=16", "adversarial.steps=3"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| standard") or line.startswith("| A3T")}
+    assert set(rows) == {"standard", "A3T"}
+    for cells in rows.values():
+        assert cells[0] == "1" and all(0.0 <= float(c) <= 100.0 for c in cells[1:4])
+        assert float(cells[3]) <= float(cells[2]) + 3 / 40 * 100  # PGD-40 within three samples of FGSM or below
+    assert 0.0 <= float(rows["A3T"][8]) <= 1.0 and rows["standard"][8] == "-"
+    assert len(list(csv.DictReader((tmp_path / "adversarial_table_runs.csv").open()))) == 2
