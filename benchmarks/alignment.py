@@ -277,7 +277,7 @@ def report(args, cost_lines: List[str]) -> None:
              "- alignment: centred kernel-target alignment of the mean-code logits' tangent kernel, 100 training "
              "inputs (with the labels trained on) and 100 test inputs, class-balanced, fixed per seed; measured at "
              "step 0, floor(5 * 1.15^k) and the last step; every figure: mean ± std over the seeds",
-             f"- paper: {PUBLISHED}",
+             f"- paper: {PUBLISHED}", *([f"- conditions: {args.note}"] if args.note else []),
              "", "## Cost", ""]
     cost_file = out.with_name(out.stem + "_cost.md")
     if cost_lines:
@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mnist-root", default=str(ROOT.parent / "shared" / "datasets" / "mnist"))
     parser.add_argument("--work", default=str(ROOT / "checkpoints" / "alignment"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "alignment.md"))
+    parser.add_argument("--note", default="", help="a line on the conditions (e.g. what else ran), for the report")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (after --)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
