@@ -9,7 +9,7 @@ Protocol (every row alike; the MINE paper trains 200 epochs, this one `--epochs`
   dropout 0.5 after each hidden layer (Srivastava et al. 2014), label smoothing 0.1 (Szegedy et al. 2016), and the
   penalties VIB (`vib_kl`), MINE-IB (`mine`, the recipe's critic) and nonlinear IB (`pairwise_kl`, started with the
   code's noise on the scale of its spread: `std_offset=0`).
-- each penalty is swept over its betas (`ROWS`) at the first `--sweep-seeds` seeds (all three by default); the beta
+- each penalty is swept over its betas (`ROWS`) at the first `--sweep-seeds` seeds (two by default); the beta
   of the best mean validation accuracy is then trained at every seed. Test figures are never used to choose. The
   classic rows are not tuned: one setting each.
 - the sweeps are read against the beta = 0 row: does the band's upper end (mean over seeds) rise with beta, and how
@@ -91,7 +91,9 @@ ROWS = (
     Row("label smoothing 0.1", (*NO_PENALTY, "label_smoothing=0.1"), (0.0,)),
     Row("VIB", ("mi.estimator=vib_kl",), (1e-4, 1e-3, 1e-2, 1e-1)),
     Row("MINE-IB", ("mi.estimator=mine",), (1e-4, 1e-3, 1e-2, 1e-1)),
-    Row("nonlinear IB", ("mi.estimator=pairwise_kl", "model.bottleneck.std_offset=0"), (1e-3, 1e-2, 1e-1, 0.3, 1.0)),
+    # 0.2: on Fashion-MNIST 0.1 leaves the band at its ceiling and 0.3 costs 2.4 points (seed 0)
+    Row("nonlinear IB", ("mi.estimator=pairwise_kl", "model.bottleneck.std_offset=0"),
+        (1e-3, 1e-2, 1e-1, 0.2, 0.3, 1.0)),
 )
 PAPER = ("published PI-MNIST test errors (200 epochs): VIB paper (Alemi et al. 2017, Table 1, with weight "
          "averaging): deterministic baseline 1.38 %, VIB 1.13 %; MINE paper (ICLR-2018 text, Table 3, without it): "
@@ -364,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--datasets", default="mnist,fashion_mnist")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--sweep-seeds", type=int, default=3,
+    parser.add_argument("--sweep-seeds", type=int, default=2,
                         help="each penalty's betas are swept at this many of the first seeds (the choice is the best "
                              "mean validation accuracy over them)")
     parser.add_argument("--stage", choices=("select", "all"), default="all",
