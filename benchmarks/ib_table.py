@@ -341,7 +341,7 @@ def write_report(args, done: Dict[str, tuple]) -> None:
              "(ceiling log 2000 = 7.601 nats); I(Z;Y) >= H(Y) - CE, nats", ""]
     csv_rows = []
     for key, (ds, results, sweeps) in done.items():
-        sweep_seeds = ",".join(args.seeds.split(",")[:max(1, args.sweep_seeds)])
+        sweep_seeds = ",".join(str(k) for k in sorted({r["seed"] for rows in sweeps.values() for r in rows})) or "-"
         baseline = [m for m, _ in results.get("beta = 0", (None, []))[1]]
         lines += [f"## {ds.name}", "", *table_lines(ds, results), "",
                   f"Beta sweeps at seeds {sweep_seeds} (last epoch, mean ± std over the runs; the table's beta is "
