@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ib.attacks import fgsm, pgd, sampled_loss
 from ib.errors import ConfigError
+from ib.modes import evaluating
 from ib.models.encoders import MLP
 from ib.objectives import reverse_grad
 from ib.recipe import AdversarialConfig
@@ -77,15 +78,9 @@ class AdversarialTraining(nn.Module):
 
     def _feature_width(self, model: nn.Module, in_shape: tuple) -> int:
         device = next(model.parameters()).device
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad(), self.capture(model) as found:
-                code = model.encode(torch.zeros(2, *in_shape, device=device))
-            return int((found.get("features") if found else code.z).flatten(1).shape[1])
-        finally:
-            for m, flag in flags:
-                m.training = flag
+        with evaluating(model), torch.no_grad(), self.capture(model) as found:
+            code = model.encode(torch.zeros(2, *in_shape, device=device))
+        return int((found.get("features") if found else code.z).flatten(1).shape[1])
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module) -> Iterator[Dict[str, Tensor]]:
