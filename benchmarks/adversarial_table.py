@@ -6,10 +6,13 @@ Protocol (every row alike; `--epochs` epochs, 1 by default, far short of Madry's
   1e-4, batch 50), with the small CNN (conv 32, 64, fc 1024) or the PI-MLP (784-1024-1024) as encoder;
 - rows (`ROWS`): standard training; PGD-AT; A3T (FGSM, alpha 0.5, a discriminator on the code); MINE-IB (beta 1e-3,
   Gaussian code K = 256, the recipes' critic); MINE-IB + A3T; VIB (beta 1e-3) + PGD-AT;
-- evaluation of each run's last epoch on `--eval-limit` test images (a seeded draw, the same for every run): clean
-  accuracy; FGSM, PGD-40 (step 2.5 eps / 40) and EOT-PGD at the data set's eps, on the sampled model where the code is
-  stochastic (its 12-draw prediction) and on the mean code otherwise; AutoAttack (standard on the mean code, rand on
-  the sampled model); the sanity checks; the pairwise band on I(X;Z); A3T's final `adv/disc_acc`; train time.
+- evaluation of each run's last epoch on `--eval-limit` test images (a seeded draw, the same for every run), on the
+  sampled model where the code is stochastic (its 12-draw prediction) and on the mean code otherwise: clean accuracy;
+  at the data set's eps, FGSM, Madry's PGD-40 (fixed step 2.5 eps / 40), our strongest PGD (`ib eval --steps 100
+  --schedule adaptive --targets 9`: APGD's step schedule on the cross-entropy, then targeted margins toward the 9
+  likeliest wrong classes) and its EOT form (8 predictions a gradient); AutoAttack (standard on the mean code, rand
+  on the sampled model); the sanity checks (check 7 compares our strongest PGD with AutoAttack); the pairwise band
+  on I(X;Z); A3T's final `adv/disc_acc`; train time.
 
 Every run is a run folder under `--work` and resumes where it stopped; evaluations are cached beside them
 (`table_eval.json`). Anchors, quoted beside ours: Madry's MNIST model, PGD-100 92.5 % and AutoAttack 88.5 % at
@@ -59,6 +62,7 @@ ROWS: Dict[str, Tuple[str, ...]] = {
     "MINE-IB + A3T": (*A3T, *GAUSSIAN, "mi.estimator=mine"),
     "VIB + PGD-AT": (*GAUSSIAN, "mi.estimator=vib_kl"),
 }
+PROTOCOL = 2  # of the evaluation below; a cached evaluation of another protocol is redone
 ANCHORS = ("Madry et al. 2018, MNIST challenge model (100,000 steps of batch 50): clean 98.5 %, PGD-100 92.5 %, "
            "AutoAttack 88.5 % at eps 0.3; CIFAR-10 PGD-AT WRN-34-10: AutoAttack 44.0 % at 8/255")
 
@@ -77,7 +81,8 @@ def evaluate(folder: Path, eps: float, args) -> dict:
     metrics = read_json(folder / "metrics.json") or {}
     if cache.exists():
         cached = json.loads(cache.read_text())
-        if cached.get("epochs") == metrics.get("epochs") and cached.get("limit") == args.eval_limit:
+        if (cached.get("epochs"), cached.get("limit"), cached.get("protocol")) == (metrics.get("epochs"),
+                                                                                   args.eval_limit, PROTOCOL):
             return cached
     run = load_run(folder / "last.pt", device="cpu")
     try:
@@ -85,15 +90,21 @@ def evaluate(folder: Path, eps: float, args) -> dict:
         autoattack = True
     except ImportError:
         autoattack = False
-    report = evaluate_model(run.model, run.data.test.sample(args.eval_limit, 0), attacks=["fgsm", "pgd_linf",
-                            "eot_pgd"], eps=[eps], steps=40, samples=run.recipe.model.eval_samples, eot_samples=8,
-                            batch_size=250, check_samples=200, autoattack=autoattack)
-    variant = "sampled" if run.recipe.model.eval_samples else "mean"
+    split, samples = run.data.test.sample(args.eval_limit, 0), run.recipe.model.eval_samples
+    report = evaluate_model(run.model, split, attacks=["fgsm", "pgd_linf", "eot_pgd"], eps=[eps], steps=100,
+                            schedule="adaptive", targets=9, samples=samples, eot_samples=8, batch_size=250,
+                            check_samples=200, autoattack=autoattack)
+    madry = evaluate_model(run.model, split, attacks=["pgd_linf"], eps=[eps], steps=40, schedule="fixed",
+                           samples=samples, batch_size=250, check_samples=0)
+    variant = "sampled" if samples else "mean"
     acc = {r["attack"]: r["accuracy"] for r in report["robustness"] if r["variant"] == variant and r["eps"] == eps}
     history = read_csv(folder / "history.csv")
-    out = {"epochs": metrics.get("epochs"), "limit": args.eval_limit, "variant": variant,
-           "clean": report["clean"][variant]["accuracy"], "fgsm": acc.get("fgsm"), "pgd40": acc.get("pgd_linf"),
-           "eot_pgd": acc.get("eot_pgd"), "autoattack": acc.get("autoattack", acc.get("autoattack_rand")),
+    out = {"protocol": PROTOCOL, "epochs": metrics.get("epochs"), "limit": args.eval_limit, "variant": variant,
+           "clean": report["clean"][variant]["accuracy"], "fgsm": acc.get("fgsm"),
+           "pgd40": next(r["accuracy"] for r in madry["robustness"] if r["variant"] == variant and r["eps"] == eps
+                         and r["attack"] == "pgd_linf"),
+           "apgd100": acc.get("pgd_linf"), "eot_pgd": acc.get("eot_pgd"),
+           "autoattack": acc.get("autoattack", acc.get("autoattack_rand")),
            "autoattack_mean_code": next((r["accuracy"] for r in report["robustness"]
                                          if r["attack"] == "autoattack" and r["eps"] == eps), None),
            "checks": {c["name"]: c["passed"] for c in report["checks"]},
@@ -113,11 +124,11 @@ def fmt(values: Sequence, scale: float = 100.0, digits: int = 1) -> str:
 
 
 def table(results: Dict[str, List[dict]]) -> List[str]:
-    lines = ["| row | seeds | clean (%) | FGSM (%) | PGD-40 (%) | EOT-PGD (%) | AutoAttack (%) | checks passed | "
-             "band (nats) | disc. acc. | train (s) |", "|---" * 11 + "|"]
+    lines = ["| row | seeds | clean (%) | FGSM (%) | PGD-40 (%) | PGD-100 adaptive + 9 targets (%) | its EOT form (%) "
+             "| AutoAttack (%) | checks passed | band (nats) | disc. acc. | train (s) |", "|---" * 12 + "|"]
     for row, evals in results.items():
         if not evals:
-            lines.append(f"| {row} | 0 |" + " - |" * 9)
+            lines.append(f"| {row} | 0 |" + " - |" * 10)
             continue
         checks = [sum(v is not False for v in e["checks"].values()) for e in evals]
         totals = {len(e["checks"]) for e in evals}
@@ -126,8 +137,10 @@ def table(results: Dict[str, List[dict]]) -> List[str]:
         band_text = (f"[{statistics.fmean(b[0] for b in band):.2f}, {statistics.fmean(b[1] for b in band):.2f}]"
                      if band else "-")
         cells = [fmt([e["clean"] for e in evals]), fmt([e["fgsm"] for e in evals]), fmt([e["pgd40"] for e in evals]),
-                 fmt([e["eot_pgd"] for e in evals]), fmt([e["autoattack"] for e in evals]),
-                 f"{min(checks)}/{max(totals)}" + (f" (failed: {', '.join(failed)})" if failed else ""), band_text, fmt([e["disc_acc"] for e in evals], 1.0, 3),
+                 fmt([e["apgd100"] for e in evals]), fmt([e["eot_pgd"] for e in evals]),
+                 fmt([e["autoattack"] for e in evals]),
+                 f"{min(checks)}/{max(totals)}" + (f" (failed: {', '.join(failed)})" if failed else ""), band_text,
+                 fmt([e["disc_acc"] for e in evals], 1.0, 3),
                  fmt([e["train_seconds"] for e in evals], 1.0, 0)]
         lines.append(f"| {row} | {len(evals)} | " + " | ".join(cells) + " |")
     return lines

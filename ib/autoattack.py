@@ -100,7 +100,8 @@ def _rows(AutoAttack: type, model: nn.Module, loader: BatchLoader, variants: Seq
                 n += y.shape[0]
             rows.append({"attack": attack, "variant": variant.name, "threat": "linf", "eps": radius,
                          "loss": f"autoattack {ATTACKS[attack]}", "accuracy": right / n if n else math.nan,
-                         "accuracy_per_draw": None, "n": n, "seconds": time.perf_counter() - t0})
+                         "schedule": None, "targets": None, "accuracy_per_draw": None, "n": n,
+                         "seconds": time.perf_counter() - t0})
             log.info("%-15s %-7s eps %-6g accuracy %.4f  (%.1f s)", attack, variant.name, radius,
                      rows[-1]["accuracy"], rows[-1]["seconds"])
     return rows

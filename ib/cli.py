@@ -170,8 +170,8 @@ def _plane(args: argparse.Namespace) -> int:
 
 
 # `ib eval` options: each is the shorthand of an `eval.<key>=value` recipe override.
-_EVAL_FLAGS = ("split", "attacks", "eps", "eps_l2", "sigmas", "steps", "samples", "eot_samples", "loss", "limit",
-               "restarts", "batch_size")
+_EVAL_FLAGS = ("split", "attacks", "eps", "eps_l2", "sigmas", "steps", "schedule", "targets", "samples",
+               "eot_samples", "loss", "limit", "restarts", "batch_size")
 _EVAL_LISTS = ("attacks", "eps", "eps_l2", "sigmas")  # given as comma-separated text
 
 
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eps-l2", metavar="LIST", help="L2 radii of pgd_l2, e.g. 0.5,1,2")
     ev.add_argument("--sigmas", metavar="LIST", help="std of the Gaussian noise, e.g. 0.05,0.1,0.2")
     ev.add_argument("--steps", type=int, metavar="N", help="PGD steps")
+    ev.add_argument("--schedule", choices=["adaptive", "fixed"], help="PGD step lengths: APGD's adaptive ones "
+                    "(default) or Madry's fixed step_size * eps / steps")
+    ev.add_argument("--targets", type=int, metavar="N", help="then targeted PGD toward each sample's N likeliest "
+                    "wrong classes (AutoAttack's APGD-T: 9; default 0)")
     ev.add_argument("--samples", type=int, metavar="K", help="draws of Z of the sampled model (0: mean code only)")
     ev.add_argument("--eot-samples", type=int, metavar="S", help="draws of Z per EOT-PGD gradient")
     ev.add_argument("--loss", choices=["ce", "margin"], help="loss the gradient attacks ascend (default: ce)")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ib import __version__, distributed
-from ib.attacks import LossKind, input_gradient, pgd
+from ib.attacks import LossKind, Schedule, input_gradient, pgd
 from ib.autoattack import ATTACKS as AUTOATTACKS
 from ib.autoattack import agreement_check, autoattack_rows, load_autoattack
 from ib.data import BatchLoader, Split
@@ -201,6 +201,8 @@ def evaluate_model(
     check_samples: int = 500,
     sampled_loss: SampledLoss = "mean_softmax",
     autoattack: bool = False,
+    schedule: Schedule = "adaptive",
+    targets: int = 0,
 ) -> Dict[str, Any]:
     """Clean metrics, the robustness sweep and the sanity checks of `model` on `split`.
 
@@ -216,7 +218,7 @@ def evaluate_model(
         eps_l2: L2 radii of pgd_l2; 0 is added.
         sigmas: Standard deviations of the noise corruption; 0 is added.
         steps: PGD steps per restart.
-        step_size: PGD step as a multiple of eps / steps.
+        step_size: PGD step as a multiple of eps / steps, under the fixed schedule.
         restarts: PGD restarts; the worst case per sample is kept.
         samples: Draws of Z of the sampled variant (0: mean-code variant only).
         eot_samples: Draws of Z averaged into each EOT-PGD gradient (and the unbounded check's).
@@ -231,6 +233,9 @@ def evaluate_model(
             "per_draw", the loss of one draw (EOT-PGD: averaged over `eot_samples` draws).
         autoattack: also run AutoAttack at each L-inf radius (`ib.autoattack`: the standard version on the mean
             code, `rand` on the sampled model; needs the `ib[autoattack]` extra) and check 7.
+        schedule: PGD's step lengths: "adaptive" (APGD's, Croce & Hein 2020) or "fixed" (Madry et al.'s).
+        targets: After each PGD attack, targeted runs toward each sample's `targets` likeliest wrong classes on the
+            samples still standing (0: none; AutoAttack's APGD-T: 9).
 
     Returns:
         {"n", "clean", "robustness", "robust_accuracy", "robust_accuracy_of", "checks", "all_checks_passed", "notes",
@@ -266,7 +271,7 @@ def evaluate_model(
         clean_seconds = time.perf_counter() - t1
         rows = robustness_sweep(model, loader, variants, grid, steps=steps, step_size=step_size,
                                 restarts=restarts, eot_samples=eot_samples, loss_kind=loss, seed=seed,
-                                sampled_loss=sampled_loss)
+                                sampled_loss=sampled_loss, schedule=schedule, targets=targets)
         if autoattack:
             rows += autoattack_rows(model, loader, variants, radii["linf"], seed=seed)
         checks += sanity_checks(clean, rows, tolerance=tolerance)
@@ -282,7 +287,8 @@ def evaluate_model(
             warnings.warn(f"ib eval: check {c['name']} failed: {c['detail']}", EvalWarning, stacklevel=2)
     settings = {"attacks": attacks, "eps": list(radii["linf"]), "eps_l2": list(radii["l2"]),
                 "sigmas": list(radii["noise"]), "steps": steps, "step_size": step_size,
-                "step_rule": "step = step_size * eps / steps", "restarts": restarts, "samples": samples,
+                "step_rule": "step = step_size * eps / steps" if schedule == "fixed" else "APGD's adaptive step",
+                "schedule": schedule, "targets": targets, "restarts": restarts, "samples": samples,
                 "eot_samples": eot_samples, "loss": loss, "sampled_loss": sampled_loss, "batch_size": batch_size,
                 "seed": seed, "ece_bins": ece_bins, "autoattack": autoattack,
                 "tolerance": tolerance, "check_samples": check_samples}
@@ -348,7 +354,8 @@ def evaluate_run(path: str | Path, overrides: Sequence[str] = (), *, device: Opt
         steps=settings.steps, step_size=settings.step_size, restarts=settings.restarts, samples=samples,
         eot_samples=settings.eot_samples, loss=settings.loss, batch_size=batch_size, seed=settings.seed,
         ece_bins=settings.ece_bins, tolerance=settings.tolerance, check_samples=settings.check_samples,
-        sampled_loss=settings.sampled_loss, autoattack=settings.autoattack,
+        sampled_loss=settings.sampled_loss, autoattack=settings.autoattack, schedule=settings.schedule,
+        targets=settings.targets,
     )
     report = {"checkpoint": str(run.checkpoint), "epoch": run.epoch, "split": settings.split,
               "limit": settings.limit, **result, "wall_seconds": time.perf_counter() - t0,

@@ -314,7 +314,8 @@ def write_sweep_plots(sweep_dir: Path, rows: Sequence[Mapping[str, Any]], units:
     return paths
 
 
-ROBUSTNESS_COLUMNS = ["attack", "variant", "threat", "eps", "loss", "accuracy", "accuracy_per_draw", "n", "seconds"]
+ROBUSTNESS_COLUMNS = ["attack", "variant", "threat", "eps", "loss", "schedule", "targets", "accuracy",
+                      "accuracy_per_draw", "n", "seconds"]
 
 
 def write_eval_outputs(run_dir: Path, report: Mapping[str, Any], attacks: Sequence[str], *,

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ib.attacks import (LossFn, LossKind, fgsm, gaussian_noise, mean_code_loss, pgd, predictor_loss, sampled_logits,
-                        sampled_loss)
+from ib.attacks import (LossFn, LossKind, Schedule, fgsm, gaussian_noise, mean_code_loss, pgd, predictor_loss,
+                        sampled_logits, sampled_loss, targeted_pgd, wrong_classes)
 from ib.data import BatchLoader
 from ib.modes import seeded
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # The threat model of each attack: which radius grid it takes.
 THREATS: Dict[str, str] = {"fgsm": "linf", "pgd_linf": "linf", "eot_pgd": "linf", "pgd_l2": "l2", "noise": "noise"}
 LINF_PGD = ("pgd_linf", "eot_pgd")
+PGD_ATTACKS = ("pgd_linf", "pgd_l2", "eot_pgd")  # those whose steps follow a schedule
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,16 @@ SampledLoss = Literal["mean_softmax", "per_draw"]
 
 
 def attack_loss(model: nn.Module, variant: Variant, *, eot: bool, eot_samples: int, loss_kind: LossKind,
-                sampled: SampledLoss = "mean_softmax") -> LossFn:
-    """What a gradient attack on `variant` ascends (module docstring); `eot`: the EOT-PGD form."""
+                sampled: SampledLoss = "mean_softmax", target: Optional[Tensor] = None) -> LossFn:
+    """What a gradient attack on `variant` ascends (module docstring); `eot`: the EOT-PGD form; `target` [B]: the
+    targeted margin toward those classes instead."""
     if variant.samples == 0:
-        return mean_code_loss(model, loss_kind)
+        return mean_code_loss(model, loss_kind, target)
     if sampled == "per_draw":
-        return sampled_loss(model, eot_samples if eot else 1, loss_kind)
+        return sampled_loss(model, eot_samples if eot else 1, loss_kind, target)
     if sampled != "mean_softmax":
         raise ValueError(f"sampled_loss must be 'mean_softmax' or 'per_draw', got {sampled!r}")
-    return predictor_loss(model, variant.samples, loss_kind, repeats=eot_samples if eot else 1)
+    return predictor_loss(model, variant.samples, loss_kind, repeats=eot_samples if eot else 1, target=target)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,6 +157,8 @@ def _perturb(
     loss_kind: LossKind,
     sampled: SampledLoss,
     select_seed: int,
+    schedule: Schedule,
+    targets: int,
 ) -> Tensor:
     if attack == "noise":
         return gaussian_noise(x, radius)
@@ -167,8 +171,19 @@ def _perturb(
         # Its own draws of Z: the attack must not pick its iterate by the very draws that score it.
         return is_correct(model, variant, x_adv, y_, select_seed)[0]
 
-    return pgd(loss, x, y, radius, norm=THREATS[attack], steps=steps, step_size=step_size * radius / steps,
-               restarts=restarts, correct_fn=correct_fn)
+    settings = dict(norm=THREATS[attack], steps=steps, step_size=step_size * radius / steps, restarts=restarts,
+                    schedule=schedule)
+    x_adv = pgd(loss, x, y, radius, correct_fn=correct_fn, **settings)
+    if targets == 0 or radius == 0:
+        return x_adv
+    ranking = wrong_classes(predict_draws(model, x, variant.samples, select_seed).mean(0), y)  # [B, classes - 1]
+
+    def loss_for(target: Tensor) -> LossFn:
+        return attack_loss(model, variant, eot=attack == "eot_pgd", eot_samples=eot_samples, loss_kind=loss_kind,
+                           sampled=sampled, target=target)
+
+    return targeted_pgd(loss_for, x, y, radius, x_adv, ranking, targets=min(targets, ranking.shape[1]),
+                        correct_fn=correct_fn, **settings)
 
 
 def robustness_sweep(
@@ -184,8 +199,13 @@ def robustness_sweep(
     loss_kind: LossKind,
     seed: int,
     sampled_loss: SampledLoss = "mean_softmax",
+    schedule: Schedule = "adaptive",
+    targets: int = 0,
 ) -> List[Dict[str, Any]]:
-    """Accuracy of each variant under each (attack, radius) of `grid`.
+    """Accuracy of each variant under each (attack, radius) of `grid`; the PGD attacks take their step lengths by
+    `schedule` ("adaptive": APGD's; "fixed": `step_size * eps / steps`, Madry et al.'s; see `ib.attacks.pgd`), and
+    with `targets` > 0 each PGD attack goes on with targeted runs toward each sample's `targets` likeliest wrong
+    classes on the samples it left standing (`ib.attacks.targeted_pgd`).
 
     `eot_pgd` runs against the sampled variant only: on the deterministic mean-code model it is `pgd_linf`. At
     radius 0 PGD takes one step: every iterate is the clean input, and the step still runs the whole path (random
@@ -211,7 +231,8 @@ def robustness_sweep(
                 x_adv = _perturb(attack, model, variant, x, y, radius, steps=steps if radius > 0 else 1,
                                  step_size=step_size, restarts=restarts, eot_samples=eot_samples,
                                  loss_kind=loss_kind, sampled=sampled_loss,
-                                 select_seed=derive_seed(seed, "select", i))
+                                 select_seed=derive_seed(seed, "select", i), schedule=schedule,
+                                 targets=targets if attack in PGD_ATTACKS else 0)
             ok, ok_draw = is_correct(model, variant, x_adv, y, predict_seed)
             right += float(ok.sum())
             per_draw += float(ok_draw.sum())
@@ -220,7 +241,8 @@ def robustness_sweep(
                "loss": None if attack == "noise" else _loss_name(loss_kind, variant, sampled_loss),
                "accuracy": right / n if n else math.nan,
                "accuracy_per_draw": (per_draw / n if n else math.nan) if variant.samples else None,
-               "n": n, "seconds": time.perf_counter() - t0}
+               "schedule": schedule if attack in PGD_ATTACKS else None,
+               "targets": targets if attack in PGD_ATTACKS else None, "n": n, "seconds": time.perf_counter() - t0}
         rows.append(row)
         log.info("%-8s %-7s eps %-6g accuracy %.4f  (%.1f s)", attack, variant.name, radius, row["accuracy"],
                  row["seconds"])

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ib.attacks import classification_loss, fgsm, gaussian_noise, mean_code_loss, pgd, project, sampled_loss
+from ib.attacks import (checkpoints, classification_loss, fgsm, gaussian_noise, mean_code_loss, pgd, project,
+                        sampled_loss, targeted_pgd, wrong_classes)
 from ib.models.classifier import build_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the fixture is in conftest.py
@@ -80,23 +81,25 @@ def test_fgsm_reaches_the_analytic_worst_case_of_a_binary_linear_model(eps):
     assert (x_adv - x).abs().max() <= eps + 1e-6
 
 
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
 @pytest.mark.parametrize("eps", EPS)
-def test_pgd_linf_reaches_the_analytic_worst_case_of_a_binary_linear_model(eps):
+def test_pgd_linf_reaches_the_analytic_worst_case_of_a_binary_linear_model(eps, schedule):
     model, x, y = _linear_problem(2, EPS, p=1)
     torch.manual_seed(0)
-    x_adv = pgd(mean_code_loss(model), x, y, eps, norm="linf", steps=20)
+    x_adv = pgd(mean_code_loss(model), x, y, eps, norm="linf", steps=20, schedule=schedule)
     expected = _analytic_accuracy(model, x, y, eps, p=1)
     assert 0.05 < expected < 0.95
     assert _accuracy(model, x_adv, y) == pytest.approx(expected, abs=1e-9)
     assert (x_adv - x).abs().max() <= eps + 1e-6
 
 
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
 @pytest.mark.parametrize("eps", [0.1, 0.2])
-def test_pgd_l2_reaches_the_closed_form_margin_over_norm(eps):
+def test_pgd_l2_reaches_the_closed_form_margin_over_norm(eps, schedule):
     # L2: a sample falls iff its margin m < eps * ||w_y - w_j||_2 (its distance to the boundary is m / ||.||_2).
     model, x, y = _linear_problem(2, (0.1, 0.2), p=2)
     torch.manual_seed(0)
-    x_adv = pgd(mean_code_loss(model), x, y, eps, norm="l2", steps=20)
+    x_adv = pgd(mean_code_loss(model), x, y, eps, norm="l2", steps=20, schedule=schedule)
     expected = _analytic_accuracy(model, x, y, eps, p=2)
     assert 0.05 < expected < 0.95
     assert _accuracy(model, x_adv, y) == pytest.approx(expected, abs=1e-9)
@@ -124,6 +127,61 @@ def test_pgd_on_a_multiclass_linear_model_is_bounded_by_the_analytic_worst_case(
                 correct_fn=lambda xa, ya: model(xa).argmax(1) == ya)
     expected = _analytic_accuracy(model, x, y, eps, p=p)
     assert expected - 1e-9 <= _accuracy(model, x_adv, y) <= expected + SHORTFALL[kind][(norm, eps)] + 0.005
+
+
+def test_adaptive_checkpoints_are_the_papers():
+    # Croce & Hein 2020, section 3.2: p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 of the steps.
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(1) == [] and checkpoints(10) == [3, 5, 6, 7, 8, 9]
+
+
+def test_adaptive_schedule_halves_its_step_onto_an_interior_maximum():
+    """Loss -||x - c||^2 with its maximum c inside the ball: sign steps of fixed length h end oscillating around c,
+    so the best iterate stays up to h/2 from it per pixel when c falls between the grid points x + k h; the adaptive
+    schedule sees the loss stop rising, halves its step at its checkpoints and ends within its last step length,
+    2 eps / 2^8 after 8 halvings, of c (deterministic: no random start)."""
+    eps, steps = 0.3, 100
+    h = 2.5 * eps / steps
+    x = torch.full((4, 8), 0.5)
+    c = x + (22.5 * h) * torch.tensor([1.0, -1.0]).repeat(4)  # halfway between two points of the fixed grid
+    loss = lambda xa, ya: -((xa - c) ** 2).sum(1)  # noqa: E731
+    y = torch.zeros(4, dtype=torch.long)
+    fixed = pgd(loss, x, y, eps, steps=steps, random_start=False, schedule="fixed")
+    adaptive = pgd(loss, x, y, eps, steps=steps, random_start=False, schedule="adaptive")
+    assert (fixed - c).abs().max() == pytest.approx(h / 2, rel=1e-4)
+    assert (adaptive - c).abs().max() < 2 * eps / 2**8 < h / 2
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
+@pytest.mark.parametrize("norm, p, eps", [("linf", 1, 0.05), ("linf", 1, 0.1), ("l2", 2, 0.2)])
+def test_targeted_pgd_toward_every_wrong_class_is_exact_on_a_multiclass_linear_model(norm, p, eps, schedule):
+    """Toward one target j the targeted margin is linear, so one signed (or normalised) step sequence reaches its
+    closed-form minimum m_j - eps ||w_y - w_j||_p; after all 3 targets the accuracy is the analytic worst case, which
+    the untargeted attacks above miss by up to `SHORTFALL`."""
+    eps_list = EPS if norm == "linf" else (0.1, 0.2)
+    model, x, y = _linear_problem(4, eps_list, p=p)
+    correct = lambda xa, ya: model(xa).argmax(1) == ya  # noqa: E731
+    torch.manual_seed(0)
+    untargeted = pgd(mean_code_loss(model), x, y, eps, norm=norm, steps=20, correct_fn=correct, schedule=schedule)
+    ranking = wrong_classes(model(x).softmax(1), y)
+    x_adv = targeted_pgd(lambda t: mean_code_loss(model, target=t), x, y, eps, untargeted, ranking, targets=3,
+                         correct_fn=correct, norm=norm, steps=20, schedule=schedule)
+    expected = _analytic_accuracy(model, x, y, eps, p=p)
+    assert _accuracy(model, untargeted, y) >= expected
+    assert _accuracy(model, x_adv, y) == pytest.approx(expected, abs=1e-9)
+    assert (x_adv - x).flatten(1).norm(p=float("inf") if norm == "linf" else 2, dim=1).max() <= eps + 1e-5
+
+
+def test_targets_rank_the_wrong_classes_and_a_target_count_beyond_them_raises():
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    y = torch.tensor([1, 0])
+    assert wrong_classes(probs, y).tolist() == [[2, 0], [2, 1]]
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    assert classification_loss(logits, torch.tensor([0]), "ce", torch.tensor([2])).tolist() == [-2.0]
+    model, x, y = _linear_problem(3, EPS, p=1, n=50)
+    with pytest.raises(ValueError, match="targets must be at most the 2 wrong classes"):
+        targeted_pgd(lambda t: mean_code_loss(model, target=t), x, y, 0.1, x, wrong_classes(model(x), y),
+                     targets=3, correct_fn=lambda xa, ya: model(xa).argmax(1) == ya)
 
 
 def test_margin_loss_is_positive_exactly_when_misclassified():
@@ -224,10 +282,11 @@ def test_bad_radius_raises(bad):
         gaussian_noise(x, bad)
 
 
-@pytest.mark.parametrize("setting", [dict(steps=0), dict(steps=2.0), dict(restarts=0), dict(restarts=True)])
+@pytest.mark.parametrize("setting", [dict(steps=0), dict(steps=2.0), dict(restarts=0), dict(restarts=True),
+                                     dict(schedule="apgd")])
 def test_bad_step_or_restart_count_raises(setting):
     model, x, y = _linear_problem(2, EPS, p=1, n=50)
-    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be a positive integer"):
+    with pytest.raises(ValueError, match=f"{next(iter(setting))} must be (a positive integer|'fixed' or 'adaptive')"):
         pgd(mean_code_loss(model), x, y, 0.1, **setting)
     with pytest.raises(ValueError, match="samples must be a positive integer"):
         sampled_loss(model, 0)

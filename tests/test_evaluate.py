@@ -224,6 +224,36 @@ def test_eval_overrides_reach_the_report(run_dir):
                  "--samples", "0"]) == 0
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["n"] == 30 and report["settings"]["attacks"] == ["noise"] and report["settings"]["samples"] == 0
+    assert report["settings"]["schedule"] == "adaptive"  # the default
+
+
+def test_schedule_flag_reaches_the_rows_and_bad_schedule_exits_2(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--attacks", "pgd_linf", "--eps", "0.1", "--limit", "20", "--steps", "2",
+                 "--samples", "0", "--schedule", "fixed", "eval.check_samples=0"]) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["settings"]["schedule"] == "fixed"
+    assert {r["schedule"] for r in report["robustness"] if r["attack"] == "pgd_linf"} == {"fixed"}
+    assert {r["schedule"] for r in report["robustness"] if r["attack"] == "fgsm"} == {None}
+    capsys.readouterr()
+    for bad, key in (("eval.schedule=apgd", "eval.schedule"), ("eval.targets=-1", "eval.targets")):
+        assert main(["eval", str(run_dir), bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], err
+
+
+def test_targeted_runs_only_add_broken_samples_on_the_mean_code(run_dir):
+    """The untargeted attack is seeded alike with and without targets, and a targeted run replaces an input only where
+    it breaks the prediction: on the deterministic mean code, accuracy with targets can only be lower."""
+    accuracy = {}
+    for targets in (0, 3):
+        assert main(["eval", str(run_dir), "--attacks", "pgd_linf", "--eps", "0.1,0.2", "--limit", "60", "--steps",
+                     "5", "--samples", "0", "--targets", str(targets), "eval.check_samples=0"]) == 0
+        rows = json.loads((run_dir / "eval.json").read_text())["robustness"]
+        accuracy[targets] = {r["eps"]: r["accuracy"] for r in rows if r["attack"] == "pgd_linf"}
+        assert {r["targets"] for r in rows if r["attack"] == "pgd_linf"} == {targets}
+    assert accuracy[3][0.0] == accuracy[0][0.0]
+    assert all(accuracy[3][e] <= accuracy[0][e] for e in (0.1, 0.2))
+    assert accuracy[3][0.1] < accuracy[0][0.1]  # the targeted runs broke something (4 of 60 samples here)
 
 
 def test_recipe_eval_section_runs_at_the_end_of_training(tmp_path):
