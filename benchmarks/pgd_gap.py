@@ -5,9 +5,9 @@ The adversarial table's check 7 flags our PGD-40 when it reads more than 2 point
 takes one run folder (its `last.pt`, the mean-code model, eval mode) and the table's images (`--limit` test images,
 seeded draw 0) and runs, one at a time:
 
-- ours: PGD-40 with the table's settings (cross-entropy, step 2.5 eps / 40, one random start), the same with the
-  margin loss, PGD-100 with 5 restarts, and a targeted PGD on the margin z_t - z_y toward each of the 9 other
-  classes (40 steps each, the worst kept);
+- ours (`ib.attacks`, as `ib eval` runs them): Madry's PGD-40 (cross-entropy, fixed step 2.5 eps / 40, one random
+  start), the same with the margin loss, PGD-100 with 5 restarts; the adaptive step schedule at 40 and 100 steps;
+  then PGD-100 adaptive followed by targeted runs toward the 3 or 9 likeliest wrong classes (`eval.targets`);
 - AutoAttack's four attacks, each alone (`pyautoattack`, version "custom"): APGD-CE, APGD-T (targeted DLR, 9
   targets), FAB-T and Square (5,000 queries).
 
@@ -19,12 +19,11 @@ only it breaks.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor
@@ -40,60 +39,33 @@ from ib.engine import load_run  # noqa: E402
 from ib.modes import seeded  # noqa: E402
 from train_speed import cpu_name  # noqa: E402
 
-OURS = ("pgd40", "pgd40_margin", "pgd100_r5", "pgd40_targeted", "pgd40_adaptive", "pgd100_adaptive",
-        "pgd100_adaptive_margin", "pgd100_adaptive_targeted",
-        "pgd100_adaptive_t9", "pgd100_adaptive_t3", "pgd40_adaptive_t3")
+OURS = {  # name: (steps, restarts, loss, schedule, targets)
+    "pgd40": (40, 1, "ce", "fixed", 0),  # Madry et al.'s PGD-40, step 2.5 eps / 40
+    "pgd40_margin": (40, 1, "margin", "fixed", 0),
+    "pgd100_r5": (100, 5, "ce", "fixed", 0),
+    "pgd40_adaptive": (40, 1, "ce", "adaptive", 0),
+    "pgd100_adaptive": (100, 1, "ce", "adaptive", 0),
+    "pgd100_adaptive_t3": (100, 1, "ce", "adaptive", 3),
+    "pgd100_adaptive_t9": (100, 1, "ce", "adaptive", 9),  # the adversarial table's
+}
 THEIRS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
 
-def targeted_margin(model, target: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """Per-sample z_target - z_y of the mean code: positive exactly when `target` outscores the label."""
-
-    def loss(x: Tensor, y: Tensor) -> Tensor:
-        logits = model(x, sample=False)  # [B, classes]
-        return logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
-
-    return loss
-
-
-def our_attack(name: str, model, x: Tensor, y: Tensor, eps: float, classes: int) -> Tensor:
-    """Adversarial inputs of one of our attacks."""
+def our_attack(name: str, model, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """Adversarial inputs of one of our attacks, run as `ib eval` runs them on the mean code."""
 
     def correct(x_adv: Tensor, y_: Tensor) -> Tensor:
         return model(x_adv, sample=False).argmax(-1) == y_
 
-    if name == "pgd40":
-        return pgd(mean_code_loss(model), x, y, eps, steps=40, correct_fn=correct)
-    if name == "pgd40_margin":
-        return pgd(mean_code_loss(model, "margin"), x, y, eps, steps=40, correct_fn=correct)
-    if name == "pgd100_r5":
-        return pgd(mean_code_loss(model), x, y, eps, steps=100, restarts=5, correct_fn=correct)
-    if name in ("pgd40_adaptive", "pgd100_adaptive", "pgd100_adaptive_margin"):
-        steps = 40 if name.startswith("pgd40") else 100
-        kind = "margin" if name.endswith("margin") else "ce"
-        return pgd(mean_code_loss(model, kind), x, y, eps, steps=steps, correct_fn=correct, schedule="adaptive")
-    if name in ("pgd100_adaptive_t9", "pgd100_adaptive_t3", "pgd40_adaptive_t3"):  # the library's path, as ib eval
-        steps, targets = int(name[3:name.index("_")]), int(name[-1])
-        x_adv = pgd(mean_code_loss(model), x, y, eps, steps=steps, correct_fn=correct, schedule="adaptive")
+    steps, restarts, kind, schedule, targets = OURS[name]
+    x_adv = pgd(mean_code_loss(model, kind), x, y, eps, steps=steps, restarts=restarts, correct_fn=correct,
+                schedule=schedule)
+    if targets:
         with torch.no_grad():
             ranking = wrong_classes(model(x, sample=False).softmax(-1), y)
-        return targeted_pgd(lambda t: mean_code_loss(model, target=t), x, y, eps, x_adv, ranking, targets=targets,
-                            correct_fn=correct, steps=steps, schedule="adaptive")
-    if name in ("pgd40_targeted", "pgd100_adaptive_targeted"):
-        best = x.clone()
-        broken = torch.zeros_like(y, dtype=torch.bool)
-        with torch.no_grad():
-            order = model(x, sample=False).masked_fill(torch.nn.functional.one_hot(y, classes).bool(), float("-inf"))
-            ranked = order.argsort(-1, descending=True)  # [B, classes]: likeliest wrong classes first
-        for k in range(classes - 1):
-            x_adv = (pgd(targeted_margin(model, ranked[:, k]), x, y, eps, steps=40, correct_fn=correct)
-                     if name == "pgd40_targeted" else pgd(targeted_margin(model, ranked[:, k]), x, y, eps, steps=100,
-                                                          correct_fn=correct, schedule="adaptive"))
-            with torch.no_grad():
-                now = ~correct(x_adv, y) & ~broken
-            best[now], broken = x_adv[now], broken | now
-        return best
-    raise ValueError(name)
+        x_adv = targeted_pgd(lambda t: mean_code_loss(model, target=t), x, y, eps, x_adv, ranking, targets=targets,
+                             correct_fn=correct, steps=steps, schedule=schedule)
+    return x_adv
 
 
 def their_attack(name: str, model, x: Tensor, y: Tensor, eps: float, seed: int) -> Tensor:
@@ -116,14 +88,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("run", help="a run folder with last.pt")
     parser.add_argument("--eps", type=float, required=True)
     parser.add_argument("--limit", type=int, default=500)
-    parser.add_argument("--attacks", default=",".join(OURS + THEIRS))
-    parser.add_argument("--out", default="", help="markdown file (default: print only)")
+    parser.add_argument("--attacks", default=",".join([*OURS, *THEIRS]))
+    parser.add_argument("--out", default="", help="markdown file to append the table to (default: print only)")
     args = parser.parse_args(argv)
     run = load_run(Path(args.run) / "last.pt", device="cpu")
     model = run.model.eval()
     loader = BatchLoader(run.data.test.sample(args.limit, 0), args.limit, shuffle=False, drop_last=False)
     x, y = next(iter(loader))
-    classes = run.data.num_classes
     with torch.no_grad():
         clean = model(x, sample=False).argmax(-1) == y
     robust: Dict[str, Tensor] = {}
@@ -131,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.attacks.split(","):
         t0 = time.perf_counter()
         with seeded(0, x.device):
-            x_adv = (our_attack(name, model, x, y, args.eps, classes) if name in OURS
+            x_adv = (our_attack(name, model, x, y, args.eps) if name in OURS
                      else their_attack(name, model, x, y, args.eps, 0))
         seconds[name] = time.perf_counter() - t0
         assert (x_adv - x).abs().max() <= args.eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -158,7 +129,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text((out.read_text() + "\n" if out.exists() else "") + text)
-        (out.with_suffix(".json")).write_text(json.dumps({k: v.tolist() for k, v in robust.items()}))
 
 
 if __name__ == "__main__":

@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--schedule", choices=["adaptive", "fixed"], help="PGD step lengths: APGD's adaptive ones "
                     "(default) or Madry's fixed step_size * eps / steps")
     ev.add_argument("--targets", type=int, metavar="N", help="then targeted PGD toward each sample's N likeliest "
-                    "wrong classes (AutoAttack's APGD-T: 9; default 0)")
+                    "wrong classes (default 3; AutoAttack's APGD-T: 9; 0: none)")
     ev.add_argument("--samples", type=int, metavar="K", help="draws of Z of the sampled model (0: mean code only)")
     ev.add_argument("--eot-samples", type=int, metavar="S", help="draws of Z per EOT-PGD gradient")
     ev.add_argument("--loss", choices=["ce", "margin"], help="loss the gradient attacks ascend (default: ce)")

@@ -202,7 +202,7 @@ def evaluate_model(
     sampled_loss: SampledLoss = "mean_softmax",
     autoattack: bool = False,
     schedule: Schedule = "adaptive",
-    targets: int = 0,
+    targets: int = 3,
 ) -> Dict[str, Any]:
     """Clean metrics, the robustness sweep and the sanity checks of `model` on `split`.
 

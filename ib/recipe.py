@@ -195,7 +195,7 @@ class EvalConfig:
     step_size: float = setting(2.5, "PGD step = step_size * eps / steps under the fixed schedule (2.5: Madry et al. "
                                "2018)", gt=0.0, le=100.0)
     restarts: int = setting(1, "PGD random restarts; the worst case per sample is kept", ge=1, le=1000)
-    targets: int = setting(0, "after each PGD attack, targeted runs toward each sample's N likeliest wrong classes on "
+    targets: int = setting(3, "after each PGD attack, targeted runs toward each sample's N likeliest wrong classes on "
                            "the samples still standing, as AutoAttack's APGD-T (which takes 9); 0: none", ge=0,
                            le=1000)
     samples: Optional[int] = setting(None, "draws of Z averaged by the sampled model (null: model.eval_samples; 0: "
