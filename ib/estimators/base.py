@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ib import distributed
 from ib.errors import ConfigError
+from ib.models import noise
 from ib.models.bottlenecks import Code
 from ib.registry import Registry
 
@@ -39,11 +40,12 @@ ESTIMATORS = Registry("estimator")  # MIEstimator subclasses: the trainer reads 
 EXP_CAP = 30.0  # e^30 ~ 1e13: beyond it e^u continues as a tangent line (see exp_capped)
 
 
-def marginal_shift(n: int, generator: torch.Generator | None = None) -> int:
-    """A random cyclic shift in [1, n - 1]: z rolled by it pairs every x with another sample's z (no fixed points)."""
+def marginal_shift(n: int, generator: torch.Generator | None = None) -> "int | Tensor":
+    """A random cyclic shift in [1, n - 1]: z rolled by it pairs every x with another sample's z (no fixed points).
+    An int, or in a vmapped population (`ib.models.noise`) each member's own shift as a batched 0-d tensor."""
     if n < 2:
         raise ValueError(f"marginal samples need a batch of at least 2, got {n}")
-    return int(torch.randint(1, n, (1,), generator=generator).item())
+    return noise.randint(1, n, generator)
 
 
 def log_mean_exp(t: Tensor) -> Tensor:

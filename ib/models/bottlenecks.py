@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ib import checks
-from ib.models import functional
+from ib.models import functional, noise
 from ib.registry import Registry
 
 BOTTLENECKS = Registry("bottleneck")
@@ -81,7 +81,7 @@ class GaussianBottleneck(Bottleneck):
 
     def forward(self, x: Tensor, sample: bool = True) -> Code:
         mean, std = self.params(x)
-        z = mean + std * torch.randn_like(std) if sample else mean
+        z = mean + std * noise.gaussian(std.shape, like=std) if sample else mean
         return Code(z, mean, std)
 
     def sample_z(self, x: Tensor, samples: int) -> Tensor:
@@ -89,7 +89,7 @@ class GaussianBottleneck(Bottleneck):
 
     def mean_and_samples(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
         mean, std = self.params(x)  # one encoder pass for the mean and all samples
-        return mean, mean + std * torch.randn(samples, *std.shape, device=std.device, dtype=std.dtype)  # [S, B, K]
+        return mean, mean + std * noise.gaussian((samples, *std.shape), like=std)  # [S, B, K]
 
 
 class AdditiveBottleneck(Bottleneck):
@@ -102,7 +102,7 @@ class AdditiveBottleneck(Bottleneck):
 
     def forward(self, x: Tensor, sample: bool = True) -> Code:
         if sample:
-            x = x + self.sigma * torch.randn_like(x)
+            x = x + self.sigma * noise.gaussian(x.shape, like=x)
         return Code(self._head(x))
 
 
@@ -136,7 +136,7 @@ class PropagatedBottleneck(Bottleneck):
             x = x.flatten(1)  # [B, D]
             noise_shape = (b, self.noise_dim)  # [B, N]
         if sample:
-            eps = self.sigma * torch.randn(noise_shape, device=x.device, dtype=x.dtype)
+            eps = self.sigma * noise.gaussian(noise_shape, like=x)
         else:
             eps = x.new_zeros(noise_shape)
         return Code(self._head(torch.cat([x, eps], dim=1)))

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ib import checks
+from ib.models import noise
 from ib.models.encoders import MLP, Activation, ConvNet, make_activation
 from ib.registry import Registry
 
@@ -65,12 +66,18 @@ class _SharedFirstLayer(torch.autograd.Function):
     together; this backward writes it in one piece, with no zero-filled copies to allocate and add.
     """
 
+    generate_vmap_rule = True  # works under torch.func transforms (vmap over a population of models)
+
     @staticmethod
-    def forward(ctx: Any, fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    def forward(fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         f = fx.shape[1]
-        ctx.save_for_backward(fx, zz, weight)
         h_x = torch.addmm(bias, fx, weight[:, :f].t())  # [B, H], once per x
         return h_x.repeat(zz.shape[0] // fx.shape[0], 1) + zz @ weight[:, f:].t()  # [(P+1)*B, H]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        fx, zz, weight, _ = inputs
+        ctx.save_for_backward(fx, zz, weight)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -135,7 +142,7 @@ class JointCritic(Critic):
         shuffled block's (joint pair i shares its noise with its first shuffled twin)."""
         if not (self.training and std > 0):
             return h
-        eps = torch.randn(h.shape[0] - joint_rows, *h.shape[1:], device=h.device, dtype=h.dtype)
+        eps = noise.gaussian((h.shape[0] - joint_rows, *h.shape[1:]), like=h)
         if joint_rows and eps.shape[0] == joint_rows:  # P = 1: both blocks add the one draw (broadcast, no copy)
             return torch.add(h.view(2, joint_rows, *h.shape[1:]), eps, alpha=std).view(h.shape)
         if joint_rows:

@@ -17,10 +17,15 @@ class _ELUByExp(torch.autograd.Function):
     """ELU (alpha 1) as e^min(x, 0) - 1 + max(x, 0), with torch's own ELU backward (from the input, so that the
     output may be changed in place). Differences up to 6e-8 (the rounding of e^x - 1 near 0)."""
 
+    generate_vmap_rule = True  # works under torch.func transforms (vmap over a population of models)
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         return torch.exp(x.clamp(max=0.0)).sub_(1.0).add_(x.clamp(min=0.0))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
@@ -33,12 +38,17 @@ class _SoftplusByExp(torch.autograd.Function):
     (the rounding of 1 + w corrected to first order; relative error below 2e-7 wherever the result is a normal
     float); gradient sigmoid(x)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
+    def forward(x: Tensor) -> Tensor:
         w = x.abs().neg_().exp_()  # e^-|x| in (0, 1]
         u = w + 1.0
         return torch.log(u).sub_((u - 1.0).sub_(w).div_(u)).add_(x.clamp(min=0.0))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
