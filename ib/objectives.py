@@ -27,19 +27,31 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 class _ReverseGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by -scale (gradient reversal, Ganin & Lempitsky 2015)."""
+    """Identity forward; backward multiplies the gradient by -scale (gradient reversal, Ganin & Lempitsky 2015).
+    The scale is a number, or a 0-d tensor (a population's per-member beta under `vmap`)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
+    def forward(z: Tensor, scale: float | Tensor) -> Tensor:
         return z.view_as(z)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        scale = inputs[1]
+        ctx.tensor_scale = torch.is_tensor(scale)
+        if ctx.tensor_scale:
+            ctx.save_for_backward(scale)
+        else:
+            ctx.scale = scale
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * -ctx.scale, None
+        scale = ctx.saved_tensors[0] if ctx.tensor_scale else ctx.scale
+        return grad * -scale, None
 
 
-def reverse_grad(z: Tensor, scale: float) -> Tensor:
+def reverse_grad(z: Tensor, scale: float | Tensor) -> Tensor:
     """z unchanged; the gradient reaching z through it is -scale times the incoming one."""
     return _ReverseGrad.apply(z, scale)
 

@@ -34,18 +34,28 @@ class PopulationNoise:
         states: Each member's CPU RNG state (`torch.get_rng_state()` of its separate run); advanced in place as
             the members draw.
         member: The batched member index inside `vmap` (`torch.arange(S)` passed with in_dims 0).
+        active: Which members draw (default all); the others get zeros and keep their state, for a draw that their
+            separate runs skip (the penalty's, at beta = 0).
     """
 
-    def __init__(self, states: List[Tensor], member: Tensor) -> None:
+    def __init__(self, states: List[Tensor], member: Tensor, active: Optional[Sequence[bool]] = None) -> None:
         self.states = states
         self.member = member
+        self.active = [True] * len(states) if active is None else list(active)
 
     def _each(self, draw) -> Tensor:
         out = []
         for m, state in enumerate(self.states):
+            if not self.active[m]:  # its separate run makes no such draw: zeros, and its stream stays put
+                out.append(None)
+                continue
             torch.set_rng_state(state)
             out.append(draw())
             self.states[m] = torch.get_rng_state()
+        shape_of = next((t for t in out if t is not None), None)
+        if shape_of is None:
+            shape_of = draw()  # no member draws: any tensor of the right shape, replaced by zeros below
+        out = [torch.zeros_like(shape_of) if t is None else t for t in out]
         return torch.stack(out)[self.member]  # batched: member m sees out[m]
 
     def gaussian(self, shape: Sequence[int], like: Tensor) -> Tensor:
@@ -80,10 +90,11 @@ def randint(low: int, high: int, generator: Optional[torch.Generator] = None) ->
 
 
 @contextlib.contextmanager
-def population_noise(states: List[Tensor], member: Tensor) -> Iterator[PopulationNoise]:
-    """Inside: every draw through this module comes from the members' own RNG `states` (advanced in place); the
-    global RNG is as it was on exit."""
-    source = PopulationNoise(states, member)
+def population_noise(states: List[Tensor], member: Tensor,
+                     active: Optional[Sequence[bool]] = None) -> Iterator[PopulationNoise]:
+    """Inside: every draw through this module comes from the members' own RNG `states` (advanced in place; only
+    the `active` members draw); the global RNG is as it was on exit."""
+    source = PopulationNoise(states, member, active)
     token = _SOURCE.set(source)
     saved = torch.get_rng_state()
     try:
