@@ -137,7 +137,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from ib.sweep import run_sweep
 
     rows = run_sweep(args.recipe, betas, seeds, args.overrides, args.sweep_dir, handle_signals=True,
-                     nproc_per_node=args.nproc_per_node)
+                     nproc_per_node=args.nproc_per_node, vectorize=args.vectorize)
     if any(r["status"] != "completed" for r in rows):
         return EXIT_INTERRUPTED
     for r in rows:
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sweep-dir", metavar="DIR", help="sweep folder (default: <output_dir>/<name>_sweep)")
     sweep.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                        help="train each run data-parallel with torchrun on N processes of this machine (default: 1)")
+    sweep.add_argument("--vectorize", action="store_true", help="train the runs as one population: every (beta, "
+                       "seed) at once through batched products, each run's folder as if trained alone (MLP and "
+                       "convnet encoders; see docs/sweeps.md)")
     sweep.set_defaults(func=_sweep)
 
     plane = sub.add_parser("plane", help="write information-plane plots as PNG", description="Write plane.png "

@@ -209,14 +209,20 @@ def run_sweep(
     *,
     handle_signals: bool = False,
     nproc_per_node: int = 1,
+    vectorize: bool = False,
 ) -> List[Dict[str, Any]]:
     """Train every (beta, seed) of the grid into `sweep_dir`, skipping finished runs; returns the sweep.csv rows.
 
     Stops early (returning the rows so far) when a run was interrupted. With `nproc_per_node` > 1 each run is
-    handed to `torchrun --standalone --nproc_per_node=N -m ib train ...` (one machine, data parallel).
+    handed to `torchrun --standalone --nproc_per_node=N -m ib train ...` (one machine, data parallel). With
+    `vectorize`, the unfinished runs that stand at the same step train together as one population
+    (`ib.engine.population_loop`), each into its own run folder as if trained alone.
     """
     if nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+    if vectorize and nproc_per_node > 1:
+        raise ConfigError("--vectorize trains the runs as one population in one process; it does not combine "
+                          "with --nproc-per-node (run one or the other)")
     if sweep_dir is None:
         base = recipe_from_dict(read_recipe_file(recipe_path), overrides, source=str(recipe_path))
         sweep_dir = Path(base.output_dir) / f"{base.name}_sweep"
@@ -228,6 +234,8 @@ def run_sweep(
         raise ConfigError(f"cannot create sweep folder {sweep_dir}: {e.strerror or e}") from None
     units = runs[0].recipe.monitor.units
     rows: Dict[str, Dict[str, Any]] = {r.name: _row(r) for r in runs}
+    if vectorize:
+        return _vectorized(runs, rows, sweep_dir, units, handle_signals)
     for i, run in enumerate(runs, 1):
         if _finished(run):
             status = "completed"
@@ -250,5 +258,49 @@ def run_sweep(
             return list(rows.values())
         if not (run.run_dir / ".hparams_written").exists():
             write_hparams(run, rows[run.name])
+    write_sweep_plots(sweep_dir, list(rows.values()), units)
+    return list(rows.values())
+
+
+def _vectorized(runs: List[SweepRun], rows: Dict[str, Dict[str, Any]], sweep_dir: Path, units: str,
+                handle_signals: bool) -> List[Dict[str, Any]]:
+    """`run_sweep` with `vectorize`: each group of unfinished runs at the same step trains as one population."""
+    from ib.engine.population_loop import fit_population, population_blockers, saved_step
+
+    todo = [r for r in runs if not _finished(r)]
+    for r in runs:
+        if r not in todo:
+            log.info("%s: done, skipped", r.name)
+    if todo:
+        blockers = population_blockers([r.recipe for r in todo])
+        if blockers:
+            raise ConfigError(f"--vectorize: these runs cannot train as one population ({'; '.join(blockers)}); "
+                              f"run the sweep without --vectorize to train them one after another")
+    groups: Dict[int, List[SweepRun]] = {}
+    for r in todo:
+        groups.setdefault(saved_step(r.run_dir), []).append(r)
+    for step, group in sorted(groups.items()):
+        resume = [(r.run_dir / "last.pt").exists() for r in group]
+        for r in group:
+            (r.run_dir / ".hparams_written").unlink(missing_ok=True)
+        log.info("population of %d runs (%s) %s", len(group), ", ".join(r.name for r in group),
+                 f"resuming at step {step}" if step else "training")
+        results = fit_population([r.recipe for r in group], [r.run_dir for r in group], resume=resume,
+                                 handle_signals=handle_signals)
+        stopped = False
+        for r, metrics in zip(group, results):
+            if metrics["status"] == "completed":
+                evaluate_after_training(r.recipe, r.run_dir, metrics)
+            rows[r.name] = _row(r)
+            stopped |= metrics["status"] != "completed"
+        write_csv(sweep_dir / "sweep.csv", list(rows.values()), COLUMNS)
+        if stopped:
+            log.warning("sweep stopped (%s); run the same command again to resume",
+                        ", ".join(f"{r.name}: {m['status']}" for r, m in zip(group, results)))
+            return list(rows.values())
+        for r in group:
+            if not (r.run_dir / ".hparams_written").exists():
+                write_hparams(r, rows[r.name])
+    write_csv(sweep_dir / "sweep.csv", list(rows.values()), COLUMNS)
     write_sweep_plots(sweep_dir, list(rows.values()), units)
     return list(rows.values())

@@ -217,3 +217,46 @@ def test_tensorboard_serves_scalars_and_hparams(tmp_path):
     finally:
         tb.terminate()
         tb.wait(10)
+
+
+VECTOR_SETTINGS = {  # vib_kl with the recipe's Adam; MINE with SGD (see tests/engine/test_population.py on Adam)
+    "vib_kl": ["mi.estimator=vib_kl"],
+    "mine": ["optimizer={name: sgd, lr: 0.05, momentum: 0.9}", "mi.optimizer={name: sgd, lr: 0.05, momentum: 0.9}"],
+}
+
+
+@pytest.mark.parametrize("estimator", ["mine", "vib_kl"])
+def test_vectorized_sweep_equals_the_sequential_one_and_trains_on(tmp_path, estimator):
+    """Four runs (betas 0 and 0.01, seeds 0 and 1) trained one after another, and as one population: first for
+    one epoch, then asked for a second (each member resumes from its last.pt). Every run folder holds the same
+    weights, MINE's moving average, RNG state and figures to float rounding."""
+    import torch
+
+    settings = [*SMALL, *VECTOR_SETTINGS[estimator]]
+    grid = ["--beta", "0,1e-2", "--seeds", "0,1"]
+    assert main(["sweep", str(DIGITS), *grid, *settings, "--sweep-dir", str(tmp_path / "seq")]) == 0
+    assert main(["sweep", str(DIGITS), *grid, *settings, "epochs=1", "--vectorize",
+                 "--sweep-dir", str(tmp_path / "vec")]) == 0
+    assert main(["sweep", str(DIGITS), *grid, *settings, "--vectorize", "--sweep-dir", str(tmp_path / "vec")]) == 0
+    seq, vec = read_csv(tmp_path / "seq" / "sweep.csv"), read_csv(tmp_path / "vec" / "sweep.csv")
+    assert [r["run"] for r in seq] == [r["run"] for r in vec] and len(seq) == 4
+    for a, b in zip(seq, vec):
+        assert a["status"] == b["status"] == "completed" and a["epochs"] == b["epochs"] == 2
+        for key in ("test_accuracy", "val_accuracy", "I_XZ", "I_ZY", "I_XZ_pairwise_upper"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["run"], key)
+        x = torch.load(tmp_path / "seq" / a["run"] / "last.pt", weights_only=False)
+        y = torch.load(tmp_path / "vec" / a["run"] / "last.pt", weights_only=False)
+        for part in ("model", "estimator"):
+            for name, value in (x[part] or {}).items():
+                torch.testing.assert_close(y[part][name], value, rtol=1e-5, atol=1e-6, msg=f"{a['run']}: {name}")
+        assert torch.equal(x["rng"]["torch"], y["rng"]["torch"]) and x["step"] == y["step"]
+
+
+@pytest.mark.parametrize("setting, reason", [("model.encoder.dropout=0.5", "dropout"),
+                                             ("monitor.alignment.enabled=true", "monitor.alignment")])
+def test_vectorize_refuses_what_it_cannot_batch_in_one_line(tmp_path, capsys, setting, reason):
+    assert main(["sweep", str(DIGITS), "--beta", "0,1e-2", *SMALL, setting, "--vectorize",
+                 "--sweep-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--vectorize" in err[0] and reason in err[0] and "without --vectorize" in err[0], err
+    assert not list((tmp_path / "s").glob("beta_*"))

@@ -3,10 +3,11 @@
     fit                     joins a torchrun job if launched by one, opens or resumes the run folder
       train_epochs          the epoch loop: train, evaluate, write, until done, stopped or interrupted
         train_one_epoch     the steps of one epoch (`ib.engine.step.train_step`)
-        train_summary       the epoch's training sums
-        add_evaluation      validation (test in the last epoch) and the information plane
-        add_alignment       the tangent-kernel alignment measured during the epoch (`monitor.alignment`)
-        end_epoch           progress, best epoch
+        close_epoch         everything after the steps:
+          train_summary     the epoch's training sums
+          add_evaluation    validation (test in the last epoch) and the information plane
+          add_alignment     the tangent-kernel alignment measured during the epoch (`monitor.alignment`)
+          end_epoch         progress, best epoch
       finish                the final `metrics.json`
 """
 from __future__ import annotations
@@ -159,25 +160,33 @@ def train_epochs(run: Run, folder: Optional[RunFolder], stop: "StopFlag",
                     folder.write_alignment(run.alignment.take(), epoch)
                 folder.save_last(run)
             return "interrupted", last
-        final = epoch == r.epochs or (stop_after is not None and epoch >= stop_after)
-        test = final or bool(r.monitor.test_every and epoch % r.monitor.test_every == 0)
-        progress.count_faults()
-        row = train_summary(run)
-        _warn_if_saturated(run, row, warned, epoch)
-        plane = add_evaluation(row, run, probe, epoch, started=t0, test=test, warned=warned)
-        aligned = add_alignment(row, run.alignment)
-        improved = end_epoch(run, epoch, row)
-        if folder is not None:
-            if run.alignment is not None:
-                folder.write_alignment(aligned, epoch)
-            folder.write_epoch(run, row, plane, improved)
-        _log_epoch(run, epoch, row)
-        last = (row, plane)
+        last = close_epoch(run, folder, probe, epoch, started=t0, stop_after=stop_after, warned=warned)
         if _stopping(stop, run.device) and epoch < r.epochs:  # signalled in the last step or the evaluation
             return "interrupted", last
         if stop_after is not None and stop_after <= epoch < r.epochs:
             return "stopped", last
     return "completed", last
+
+
+def close_epoch(run: Run, folder: Optional[RunFolder], probe: Split, epoch: int, *, started: float,
+                stop_after: Optional[int], warned: Set[Any]) -> Tuple[Row, Row]:
+    """Everything after an epoch's steps: its training summary, evaluation and information plane, alignment,
+    progress, the run folder's files and the log line; returns the epoch's (row, plane)."""
+    r = run.recipe
+    final = epoch == r.epochs or (stop_after is not None and epoch >= stop_after)
+    test = final or bool(r.monitor.test_every and epoch % r.monitor.test_every == 0)
+    run.progress.count_faults()
+    row = train_summary(run)
+    _warn_if_saturated(run, row, warned, epoch)
+    plane = add_evaluation(row, run, probe, epoch, started=started, test=test, warned=warned)
+    aligned = add_alignment(row, run.alignment)
+    improved = end_epoch(run, epoch, row)
+    if folder is not None:
+        if run.alignment is not None:
+            folder.write_alignment(aligned, epoch)
+        folder.write_epoch(run, row, plane, improved)
+    _log_epoch(run, epoch, row)
+    return row, plane
 
 
 def train_one_epoch(run: Run, loader: BatchLoader, stats: StepStats, *, step: int, stop: Optional["StopFlag"] = None,

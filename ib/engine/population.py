@@ -142,7 +142,7 @@ def _step_members(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], ok
 
 def population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequence[float], *, critic_steps: int = 1,
                     grad_clip: Optional[float] = None, critic_grad_clip: Optional[float] = None,
-                    fused: bool = False) -> Dict[str, Tensor]:
+                    fused: bool = False, label_smoothing: float = 0.0) -> Dict[str, Tensor]:
     """One minimax step of every member on its own batch, as `train_step` per member: two-pass, or fused where
     train_step fuses (`fused`, one critic step, an estimator whose loss is minus its penalty).
 
@@ -150,14 +150,15 @@ def population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequence[float
         pop: The population.
         x: Each member's batch [S, B, ...] in [0, 1]; y: labels [S, B].
         betas: Each member's beta for this step.
-        critic_steps, grad_clip, critic_grad_clip, fused: as `train_step`'s (the same for every member).
+        critic_steps, grad_clip, critic_grad_clip, fused, label_smoothing: as `train_step`'s (the same for every
+            member).
 
     Returns:
         {"loss", "ce", "mi_bound", "mi", "correct", "finite"}, each [S] (detached), with train_step's meanings.
     """
     if (fused and pop.estimator is not None and pop.critic_optimizer is not None and critic_steps == 1
             and pop.estimator.skeleton.module.loss_is_minus_penalty):
-        return _fused_population_step(pop, x, y, betas, grad_clip, critic_grad_clip)
+        return _fused_population_step(pop, x, y, betas, grad_clip, critic_grad_clip, label_smoothing)
     size, states, member = pop.size, pop.rng_states, pop.member
     model, est = pop.model, pop.estimator
     beta = torch.tensor([float(b) for b in betas], dtype=torch.float32)
@@ -195,7 +196,7 @@ def population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequence[float
 
     def objective(p, b, ep, eb, x_, y_, z_, mean_, std_, beta_, m):
         logits = model.call(p, b, "decode", z_)
-        ce = F.cross_entropy(logits, y_)
+        ce = F.cross_entropy(logits, y_, label_smoothing=label_smoothing)
         if est is None:
             return ce, ce * math.nan, logits
         with noise.population_noise(states, m, active):
@@ -204,7 +205,8 @@ def population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequence[float
 
     loss, mi, logits = vmap(objective, randomness="same")(model.params, model.buffers, *frozen, x, y, z, mean, std,
                                                           beta, member)
-    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(size, -1).mean(1)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
+                         label_smoothing=label_smoothing).view(size, -1).mean(1)
     loss = torch.where(torch.tensor(active), loss, ce)  # the separate run's loss at beta = 0 is CE alone
     params = list(model.params.values())
     pop.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +224,8 @@ def population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequence[float
 
 
 def _fused_population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequence[float],
-                           grad_clip: Optional[float], critic_grad_clip: Optional[float]) -> Dict[str, Tensor]:
+                           grad_clip: Optional[float], critic_grad_clip: Optional[float],
+                           label_smoothing: float) -> Dict[str, Tensor]:
     """`train_step`'s fused step per member: one forward of the critic serves both players through gradient
     reversal with each member's beta (`fused_minimax_objective`)."""
     size, states, member, model, est = pop.size, pop.rng_states, pop.member, pop.model, pop.estimator
@@ -234,7 +237,7 @@ def _fused_population_step(pop: Population, x: Tensor, y: Tensor, betas: Sequenc
         with noise.population_noise(states, m):
             code = model.call(p, b, "encode", x_)
             logits = model.call(p, b, "decode", code.z)
-            ce = F.cross_entropy(logits, y_)
+            ce = F.cross_entropy(logits, y_, label_smoothing=label_smoothing)
             critic_loss = est.call(ep, eb, "loss", x_, reverse_grad(code.z, beta_))
         return ce + critic_loss, ce, -critic_loss.detach(), logits
 
