@@ -80,16 +80,19 @@ def stack_runs(runs: Sequence[Run], rng_states: Sequence[torch.Tensor]) -> Popul
     r = runs[0].recipe
     model = Stacked([run.model for run in runs])
     estimator = Stacked([run.estimator for run in runs]) if runs[0].estimator is not None else None
-    optimizer = build_optimizer(r.optimizer, list(model.params.values()))
-    _stack_optimizer_state(optimizer, [run.optimizer for run in runs])
+    optimizer = build_optimizer(r.optimizer, list(model.leaves.values()))
+    _stack_optimizer_state(optimizer, [run.optimizer for run in runs], model.leaf_is_transposed())
     critic_optimizer = None
     if runs[0].critic_optimizer is not None:
-        critic_optimizer = build_optimizer(r.mi.optimizer, list(estimator.params.values()))
-        _stack_optimizer_state(critic_optimizer, [run.critic_optimizer for run in runs])
+        critic_optimizer = build_optimizer(r.mi.optimizer, list(estimator.leaves.values()))
+        _stack_optimizer_state(critic_optimizer, [run.critic_optimizer for run in runs],
+                               estimator.leaf_is_transposed())
     return Population(model, estimator, optimizer, critic_optimizer, [s.clone() for s in rng_states])
 
 
-def _stack_optimizer_state(target: torch.optim.Optimizer, members: Sequence[torch.optim.Optimizer]) -> None:
+def _stack_optimizer_state(target: torch.optim.Optimizer, members: Sequence[torch.optim.Optimizer],
+                           transposed: Sequence[bool]) -> None:
+    """The members' optimiser states stacked into `target`'s, a weight's moments transposed as its leaf is."""
     states = [opt.state_dict() for opt in members]
     if not states[0]["state"]:
         return
@@ -100,6 +103,8 @@ def _stack_optimizer_state(target: torch.optim.Optimizer, members: Sequence[torc
             values = [s["state"][i][key] for s in states]
             if torch.is_tensor(value) and value.dim() > 0:
                 entry[key] = torch.stack(values)
+                if transposed[i]:
+                    entry[key] = entry[key].transpose(1, 2).contiguous()
             else:
                 if any(not torch.equal(torch.as_tensor(v), torch.as_tensor(value)) for v in values):
                     raise ValueError(f"the members' optimisers differ in {key} (they are at different steps)")
@@ -108,11 +113,17 @@ def _stack_optimizer_state(target: torch.optim.Optimizer, members: Sequence[torc
     load_optimizer(target, {"state": stacked, "param_groups": target.state_dict()["param_groups"]})
 
 
-def _unstack_optimizer_state(source: torch.optim.Optimizer, member: torch.optim.Optimizer, m: int, size: int) -> None:
+def _unstack_optimizer_state(source: torch.optim.Optimizer, member: torch.optim.Optimizer, m: int, size: int,
+                             transposed: Sequence[bool]) -> None:
     state = source.state_dict()
     own = member.state_dict()
-    per = {i: {k: (v[m].clone() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v)
-               for k, v in entry.items()} for i, entry in state["state"].items()}
+
+    def part(i: int, v: Any) -> Any:
+        if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size):
+            return v
+        return v[m].t().contiguous() if transposed[i] else v[m].clone()
+
+    per = {i: {k: part(i, v) for k, v in entry.items()} for i, entry in state["state"].items()}
     load_optimizer(member, {"state": per, "param_groups": own["param_groups"]})
 
 
@@ -122,9 +133,10 @@ def write_back(pop: Population, runs: Sequence[Run]) -> None:
         run.model.load_state_dict(pop.model.member_state(m))
         if pop.estimator is not None:
             run.estimator.load_state_dict(pop.estimator.member_state(m))
-        _unstack_optimizer_state(pop.optimizer, run.optimizer, m, pop.size)
+        _unstack_optimizer_state(pop.optimizer, run.optimizer, m, pop.size, pop.model.leaf_is_transposed())
         if pop.critic_optimizer is not None:
-            _unstack_optimizer_state(pop.critic_optimizer, run.critic_optimizer, m, pop.size)
+            _unstack_optimizer_state(pop.critic_optimizer, run.critic_optimizer, m, pop.size,
+                                     pop.estimator.leaf_is_transposed())
 
 
 def population_epoch(pop: Population, runs: Sequence[Run], stats: Sequence[StepStats], step: int,
