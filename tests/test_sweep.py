@@ -260,3 +260,14 @@ def test_vectorize_refuses_what_it_cannot_batch_in_one_line(tmp_path, capsys, se
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--vectorize" in err[0] and reason in err[0] and "without --vectorize" in err[0], err
     assert not list((tmp_path / "s").glob("beta_*"))
+
+
+def test_a_population_too_large_for_memory_stops_before_training(tmp_path, capsys, monkeypatch):
+    import ib.engine.population_loop as population_loop
+
+    monkeypatch.setattr(population_loop, "available_memory", lambda: 2**16)  # 64 kB: less than two tiny runs need
+    assert main(["sweep", str(DIGITS), "--beta", "0,1e-2", *SMALL, "--vectorize",
+                 "--sweep-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs about" in err[0] and "MB available" in err[0], err
+    assert not list((tmp_path / "s").glob("beta_*/last.pt"))

@@ -14,6 +14,7 @@ resumes alone or in a population alike.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
@@ -27,6 +28,7 @@ from ib.engine.loop import StopFlag, _open_run, close_epoch, finish, probe_set
 from ib.engine.population import Population, Stacked, population_step
 from ib.engine.run_dir import RunFolder, record_failure
 from ib.engine.step import StepStats, TrainingError
+from ib.errors import ConfigError
 from ib.recipe import Recipe, recipe_to_dict
 from ib.schedules import set_lr
 
@@ -64,6 +66,32 @@ def population_blockers(recipes: Sequence[Recipe]) -> List[str]:
     if r.mi.enabled and int(r.mi.estimator.options.get("marginals", 1) or 1) > 1:
         reasons.append("mi.estimator.marginals > 1")
     return reasons
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable of /proc/meminfo; else the physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def population_bytes(run: Run, size: int) -> int:
+    """An estimate of what a population of `size` members like `run` adds to memory: per member, its weights four
+    times over (weights, gradients, two optimiser moments) and one batch's activations, taken as the batch size
+    times every layer's output width, in float32, four times over (the forward's saved tensors, the backward's, the
+    critic's P + 1 pairings, the stacking copies)."""
+    modules = [m for m in (run.model, run.estimator) if m is not None]
+    weights = sum(p.numel() for m in modules for p in m.parameters())
+    widths = sum(getattr(layer, "out_features", 0) for m in modules for layer in m.modules())
+    return size * 4 * (4 * weights + 4 * run.recipe.data.batch_size * widths)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
 def saved_step(run_dir: Path) -> int:
@@ -189,6 +217,11 @@ def fit_population(recipes: Sequence[Recipe], run_dirs: Sequence[Path], *, resum
     for recipe, run_dir, res in zip(recipes, run_dirs, resume):
         runs.append(_open_run(recipe, Path(run_dir), proc, None, resume=res, overwrite=not res))
         states.append(torch.get_rng_state())  # the member's stream, as its separate run would go on with it
+    need, limit = population_bytes(runs[0], len(runs)), available_memory()
+    if need > 0.8 * limit:
+        raise ConfigError(f"--vectorize: a population of {len(runs)} runs needs about {_size(need)}, more than 80 % of "
+                          f"the {_size(limit)} available; train fewer runs at once (fewer betas or seeds per "
+                          f"command) or run without --vectorize")
     steps = {run.progress.step for run in runs}
     if len(steps) > 1:
         raise ValueError(f"the members stand at different steps {sorted(steps)}; train them apart")
