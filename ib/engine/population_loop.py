@@ -141,18 +141,40 @@ def _stack_optimizer_state(target: torch.optim.Optimizer, members: Sequence[torc
     load_optimizer(target, {"state": stacked, "param_groups": target.state_dict()["param_groups"]})
 
 
-def _unstack_optimizer_state(source: torch.optim.Optimizer, member: torch.optim.Optimizer, m: int, size: int,
+def _unstack_optimizer_state(source: torch.optim.Optimizer, members: Sequence[torch.optim.Optimizer],
                              transposed: Sequence[bool]) -> None:
-    state = source.state_dict()
-    own = member.state_dict()
+    """Each member's slice of the population optimiser's state, copied into its own optimiser: in place where the
+    member's state already has its tensors (every epoch but the first), else through `load_optimizer`."""
+    leaves = [p for group in source.param_groups for p in group["params"]]
+    size = len(members)
+    for m, member in enumerate(members):
+        params = [p for group in member.param_groups for p in group["params"]]
+        fresh = False
+        for i, (leaf, param) in enumerate(zip(leaves, params)):
+            state, own = source.state.get(leaf, {}), member.state.get(param)
+            if not state:
+                continue
+            if own is None or set(own) != set(state):
+                fresh = True
+                break
+            with torch.no_grad():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size:
+                        own[k].copy_(v[m].t() if transposed[i] else v[m])
+                    elif torch.is_tensor(v):
+                        own[k].copy_(v)
+                    else:
+                        own[k] = v
+        if fresh:
+            whole = source.state_dict()
 
-    def part(i: int, v: Any) -> Any:
-        if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size):
-            return v
-        return v[m].t().contiguous() if transposed[i] else v[m].clone()
+            def part(i: int, v: Any) -> Any:
+                if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size):
+                    return v
+                return v[m].t().contiguous() if transposed[i] else v[m].clone()
 
-    per = {i: {k: part(i, v) for k, v in entry.items()} for i, entry in state["state"].items()}
-    load_optimizer(member, {"state": per, "param_groups": own["param_groups"]})
+            per = {i: {k: part(i, v) for k, v in entry.items()} for i, entry in whole["state"].items()}
+            load_optimizer(member, {"state": per, "param_groups": member.state_dict()["param_groups"]})
 
 
 def write_back(pop: Population, runs: Sequence[Run]) -> None:
@@ -161,10 +183,10 @@ def write_back(pop: Population, runs: Sequence[Run]) -> None:
         run.model.load_state_dict(pop.model.member_state(m))
         if pop.estimator is not None:
             run.estimator.load_state_dict(pop.estimator.member_state(m))
-        _unstack_optimizer_state(pop.optimizer, run.optimizer, m, pop.size, pop.model.leaf_is_transposed())
-        if pop.critic_optimizer is not None:
-            _unstack_optimizer_state(pop.critic_optimizer, run.critic_optimizer, m, pop.size,
-                                     pop.estimator.leaf_is_transposed())
+    _unstack_optimizer_state(pop.optimizer, [run.optimizer for run in runs], pop.model.leaf_is_transposed())
+    if pop.critic_optimizer is not None:
+        _unstack_optimizer_state(pop.critic_optimizer, [run.critic_optimizer for run in runs],
+                                 pop.estimator.leaf_is_transposed())
 
 
 def population_epoch(pop: Population, runs: Sequence[Run], stats: Sequence[StepStats], step: int,
