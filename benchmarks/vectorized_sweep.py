@@ -4,6 +4,8 @@ arithmetic rate against this machine's matmul rate, and whether the two sweeps' 
 
 Parts (each a pair of `ib sweep` commands run as child processes, sequential first, then vectorised):
 - digits: `recipes/digits.yaml` (MINE-IB, 40 epochs), betas 0, 1e-3, 1e-2, 0.1, 1 x seeds 0, 1 (10 runs);
+- digits_no_figures: the same without the per-epoch plane figure (`monitor.plane_figure=false`), which on digits
+  costs more than the epoch's training steps and is the same work in both sweeps;
 - fashion_mnist: `recipes/fashion_mnist.yaml` (the PI-MLP, MINE-IB), betas as above x seeds 0, 1, 2 (15 runs),
   1 epoch, the alignment monitor off (it is per run);
 - step: one population step of each part against its members' separate `train_step`s, timed in-process, with its
@@ -40,6 +42,7 @@ from train_speed import cpu_name  # noqa: E402
 BETAS = "0,1e-3,1e-2,0.1,1"
 PARTS = {
     "digits": ("recipes/digits.yaml", "0,1", []),
+    "digits_no_figures": ("recipes/digits.yaml", "0,1", ["monitor.plane_figure=false"]),
     "fashion_mnist": ("recipes/fashion_mnist.yaml", "0,1,2", ["epochs=1", "monitor.alignment.enabled=false"]),
 }
 FIGURES = ("test_accuracy", "I_XZ", "I_ZY", "I_XZ_pairwise_upper")
@@ -91,7 +94,8 @@ def step_part(threads: int) -> Dict[str, dict]:
         a @ a
     peak = 5 * 2 * 2048**3 / (time.perf_counter() - t0)
     out = {}
-    for part, (recipe, seeds, overrides) in PARTS.items():
+    for part in ("digits", "fashion_mnist"):
+        recipe, seeds, overrides = PARTS[part]
         size = 5 * len(seeds.split(","))
         runs, states = [], []
         for m in range(size):
@@ -161,7 +165,7 @@ def report(results: Dict[str, dict], threads: int) -> List[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="digits,fashion_mnist,step")
+    parser.add_argument("--parts", default="digits,digits_no_figures,fashion_mnist,step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "checkpoints" / "vectorized_sweep"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vectorized_sweep.md"))

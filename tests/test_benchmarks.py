@@ -286,3 +286,20 @@ def test_adversarial_table_smoke_on_digits(tmp_path):
         assert float(cells[4]) <= float(cells[3]) + 3 / 40 * 100  # ours: adaptive steps and 9 targets
     assert 0.0 <= float(rows["A3T"][9]) <= 1.0 and rows["standard"][9] == "-"
     assert len(list(csv.DictReader((tmp_path / "adversarial_table_runs.csv").open()))) == 2
+
+
+def test_vectorized_sweep_smoke_on_two_tiny_digits_runs(tmp_path, monkeypatch):
+    """benchmarks/vectorized_sweep.py's sweep pair on two tiny digits runs (one epoch): both sweeps complete, agree
+    to float rounding (vib_kl with Adam is exact), and the report gives their wall-time ratio."""
+    bench = _load("vectorized_sweep")
+    monkeypatch.setattr(bench, "BETAS", "0,1e-2")
+    monkeypatch.setitem(bench.PARTS, "digits", ("recipes/digits.yaml", "0", [
+        "epochs=1", "model.encoder.hidden=[32]", "model.bottleneck.z_dim=8", "mi.estimator=vib_kl",
+        "monitor.plane_figure=false", "model.eval_samples=0"]))
+    seq = bench.sweep("digits", tmp_path, False, 1)
+    vec = bench.sweep("digits", tmp_path, True, 1)
+    assert seq["runs"] == vec["runs"] == 2 and seq["epochs"] == 2
+    diff = bench.agreement(seq.pop("rows"), vec.pop("rows"))
+    assert all(v <= 1e-6 for v in diff.values()), diff
+    text = "\n".join(bench.report({"digits": {"agreement": diff, "sequential": seq, "vectorized": vec}}, 1))
+    assert f"**{vec['seconds'] / seq['seconds']:.2f}**" in text and "## digits: 2 runs" in text
