@@ -135,11 +135,11 @@ def step_part(threads: int) -> Dict[str, dict]:
     return out
 
 
-def report(results: Dict[str, dict], threads: int) -> List[str]:
+def report(results: Dict[str, dict], threads: int, note: str = "") -> List[str]:
     lines = ["# A sweep as one population (`ib sweep --vectorize`) against one run after another", "",
              "Written by `benchmarks/vectorized_sweep.py`; do not edit by hand.", "",
              f"- machine: {platform.machine()}, {cpu_name()}, torch {torch.__version__}, {threads} thread(s) a process",
-             f"- betas {BETAS}; the protocol is in the script's docstring", ""]
+             f"- betas {BETAS}; the protocol is in the script's docstring", *([f"- {note}"] if note else []), ""]
     for part in PARTS:
         if part not in results:
             continue
@@ -169,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "checkpoints" / "vectorized_sweep"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vectorized_sweep.md"))
+    parser.add_argument("--note", default="", help="a line on the conditions (e.g. another job on the machine)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     store = out.with_suffix(".json")
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "vectorized": vec}
         out.parent.mkdir(parents=True, exist_ok=True)
         store.write_text(json.dumps(results, indent=2))
-        out.write_text("\n".join(report(results, args.threads)) + "\n")
+        out.write_text("\n".join(report(results, args.threads, args.note)) + "\n")
         print(f"wrote {out} ({part})", flush=True)
 
 

@@ -18,7 +18,9 @@ def _member(seed, estimator):
     torch.manual_seed(seed)
     model = build_classifier("mlp", {"hidden": [32, 32], "activation": "elu"}, "gaussian",
                              {"z_dim": 8, "std_offset": 2.0}, (1, 8, 8), 10, [0.5], [0.25])
-    if estimator == "vib_kl":
+    if estimator == "none":
+        est = None
+    elif estimator == "vib_kl":
         est = ESTIMATORS.create("vib_kl", "gaussian")
     else:
         critic = CRITICS.create("joint", (1, 8, 8), 8, hidden=(24, 24), activation="elu", input_noise=0.3,
@@ -45,7 +47,8 @@ def _batches(seed):
 
 @pytest.mark.parametrize("estimator, kind, fused", [("mine", "sgd", False), ("mine", "sgd", True),
                                                     ("infonce", "sgd", False), ("infonce", "sgd", True),
-                                                    ("vib_kl", "adam", False), ("vib_kl", "sgd", False)])
+                                                    ("vib_kl", "adam", False), ("vib_kl", "sgd", False),
+                                                    ("none", "adam", False)])
 def test_population_step_equals_separate_steps(estimator, kind, fused):
     make = _optimizer(kind)
     data = [_batches(100 + m) for m in range(S)]  # each member its own batches
@@ -53,7 +56,7 @@ def test_population_step_equals_separate_steps(estimator, kind, fused):
     for m in range(S):
         model, est, _ = _member(m, estimator)
         opt = make(model.parameters())
-        critic_opt = make(est.parameters()) if list(est.parameters()) else None
+        critic_opt = make(est.parameters()) if est is not None and list(est.parameters()) else None
         rows = []
         for x, y in data[m]:
             rows.append(train_step(model, est, opt, critic_opt, x, y, BETAS[m], grad_clip=1.0, critic_grad_clip=5.0,
