@@ -31,7 +31,7 @@ import platform
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -75,8 +75,9 @@ def run_dir(args, dataset: str, model: str, row: str, seed: int) -> Path:
     return Path(args.work) / dataset / model / slug(row) / f"seed_{seed}"
 
 
-def evaluate(folder: Path, eps: float, args) -> dict:
-    """The table's evaluation of a run's last.pt, cached in `table_eval.json` (redone when it trained on)."""
+def evaluate(folder: Path, eps: float, args) -> Optional[dict]:
+    """The table's evaluation of a run's last.pt, cached in `table_eval.json` (redone when it trained on or the
+    protocol changed); with `--report`, the cached evaluation only (None when there is none of this protocol)."""
     cache = folder / "table_eval.json"
     metrics = read_json(folder / "metrics.json") or {}
     if cache.exists():
@@ -84,6 +85,8 @@ def evaluate(folder: Path, eps: float, args) -> dict:
         if (cached.get("epochs"), cached.get("limit"), cached.get("protocol")) == (metrics.get("epochs"),
                                                                                    args.eval_limit, PROTOCOL):
             return cached
+    if args.report:
+        return None
     run = load_run(folder / "last.pt", device="cpu")
     try:
         import pyautoattack  # noqa: F401
@@ -154,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval-limit", type=int, default=1000)
-    parser.add_argument("--report", action="store_true", help="train nothing: the table from what is done")
+    parser.add_argument("--report", action="store_true", help="train and evaluate nothing: the table from the runs "
+                        "trained and evaluated under this protocol")
     parser.add_argument("--mnist-root", default=str(ROOT.parent / "shared" / "datasets" / "mnist"))
     parser.add_argument("--work", default=str(ROOT / "checkpoints" / "adversarial_table"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "adversarial_table.md"))
@@ -188,8 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     if not args.report:
                         log.info("%s, %s, %s, seed %d", dataset, model, row, seed)
                         train_or_resume(ROOT / recipe, settings, folder, args.epochs)
-                    if (read_json(folder / "metrics.json") or {}).get("status") == "completed":
-                        evals.append(evaluate(folder, eps, args))
+                    done = (read_json(folder / "metrics.json") or {}).get("status") == "completed"
+                    result = evaluate(folder, eps, args) if done else None
+                    if result is not None:
+                        evals.append(result)
                         csv_rows.append({"dataset": dataset, "model": model, "row": row, "seed": seed, **{
                             k: v for k, v in evals[-1].items() if k not in ("checks", "band")},
                             "band_lower": evals[-1]["band"][0], "band_upper": evals[-1]["band"][1],
