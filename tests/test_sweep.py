@@ -271,3 +271,41 @@ def test_a_population_too_large_for_memory_stops_before_training(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs about" in err[0] and "MB available" in err[0], err
     assert not list((tmp_path / "s").glob("beta_*/last.pt"))
+
+
+def test_vectorized_sweep_interrupted_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
+    """SIGINT at step 27 of 40 (mid second epoch): every member saves its last.pt there (its loader's position, its
+    epoch sums, its RNG stream), and the same command then finishes the sweep with the weights and streams of a
+    sweep never interrupted."""
+    import signal as signals
+
+    import torch
+
+    import ib.engine.population_loop as population_loop
+
+    settings = [*SMALL, "mi.estimator=vib_kl"]
+    run_sweep(DIGITS, [0.0, 1e-2], [0], settings, tmp_path / "ref", vectorize=True)
+    real, calls = population_loop.population_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 27:
+            os.kill(os.getpid(), signals.SIGINT)
+        return out
+
+    monkeypatch.setattr(population_loop, "population_step", step)
+    rows = run_sweep(DIGITS, [0.0, 1e-2], [0], settings, tmp_path / "int", vectorize=True, handle_signals=True)
+    assert [r["status"] for r in rows] == ["interrupted", "interrupted"]
+    for r in rows:
+        state = torch.load(tmp_path / "int" / r["run"] / "last.pt", weights_only=False)
+        assert state["step"] == 27 and state["train_loader"]["position"] == 7
+    monkeypatch.setattr(population_loop, "population_step", real)
+    rows = run_sweep(DIGITS, [0.0, 1e-2], [0], settings, tmp_path / "int", vectorize=True)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    for r in rows:
+        a = torch.load(tmp_path / "ref" / r["run"] / "last.pt", weights_only=False)
+        b = torch.load(tmp_path / "int" / r["run"] / "last.pt", weights_only=False)
+        for name, value in a["model"].items():
+            assert torch.equal(b["model"][name], value), (r["run"], name)
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["step"] == b["step"] == 40
