@@ -87,3 +87,31 @@ def test_population_step_equals_separate_steps(estimator, kind, fused):
                                            equal_nan=True, msg=f"member {m} step {step}: {key}")
             assert int(rows[step]["correct"][m]) == int(metrics[m][step]["correct"])
             assert bool(rows[step]["finite"][m])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_member_whose_step_is_not_finite_skips_it_alone(fused):
+    """Member 1's second batch holds a NaN: its separate run skips that step (weights, momentum, MINE's average
+    kept), and so does the population, while the other members step as their separate runs do."""
+    make = _optimizer("sgd")
+    data = [_batches(100 + m) for m in range(S)]
+    data[1][1][0][0, 0, 0, 0] = float("nan")
+    separate, finite = [], []
+    for m in range(S):
+        model, est, _ = _member(m, "mine")
+        opt, critic_opt = make(model.parameters()), make(est.parameters())
+        finite.append([bool(train_step(model, est, opt, critic_opt, x, y, BETAS[m], fused=fused)["finite"])
+                       for x, y in data[m]])
+        separate.append((model, est))
+    assert finite[1] == [True, False, True, True] and all(finite[0]) and all(finite[2])
+    members = [_member(m, "mine") for m in range(S)]
+    pop = build_population([m[0] for m in members], [m[1] for m in members], make, make, [m[2] for m in members])
+    for step in range(STEPS):
+        out = population_step(pop, torch.stack([data[m][step][0] for m in range(S)]),
+                              torch.stack([data[m][step][1] for m in range(S)]), BETAS, fused=fused)
+        assert out["finite"].tolist() == [finite[m][step] for m in range(S)]
+    for m, (model, est) in enumerate(separate):
+        for stacked, module in ((pop.model, model), (pop.estimator, est)):
+            got = stacked.member_state(m)
+            for name, value in module.state_dict().items():
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"member {m}: {name}")
