@@ -282,6 +282,7 @@ def _train_population(runs: List[Run], folders: List[RunFolder], states: List[to
                 run.progress.stats = StepStats.zeros(run.device, run.progress.nonfinite_in_a_row)
         step = population_epoch(pop, runs, [run.progress.stats for run in runs], runs[0].progress.step, stop)
         write_back(pop, runs)
+        shared = time.perf_counter() - t0  # the population's steps, which every member's epoch time includes
         interrupted = stop and runs[0].train_loader.batches_left() < len(runs[0].train_loader)
         for m, (run, folder) in enumerate(zip(runs, folders)):
             run.progress.step = step
@@ -289,7 +290,9 @@ def _train_population(runs: List[Run], folders: List[RunFolder], states: List[to
             if interrupted:
                 folder.save_last(run)
             else:
-                lasts[m] = close_epoch(run, folder, probes[m], epoch, started=t0, stop_after=None, warned=warned[m])
+                # its epoch time: the shared steps and its own evaluation, not the other members' evaluations
+                lasts[m] = close_epoch(run, folder, probes[m], epoch, started=time.perf_counter() - shared,
+                                       stop_after=None, warned=warned[m])
             pop.rng_states[m] = torch.get_rng_state()
         if interrupted or (stop and epoch < r.epochs):
             return ["interrupted"] * len(runs), lasts
