@@ -190,8 +190,8 @@ class EvalConfig:
     steps: int = setting(20, "PGD iterations", ge=1, le=100_000)
     schedule: Literal["adaptive", "fixed"] = setting(
         "adaptive", "PGD's step lengths: adaptive = APGD's (Croce & Hein 2020: 2 eps with momentum, halved where the "
-        "loss stalls), fixed = step_size * eps / steps throughout (Madry et al. 2018), which reads 8-10 points "
-        "higher on adversarially trained models (benchmarks/results/pgd_gap.md)")
+        "loss stalls), fixed = step_size * eps / steps throughout (Madry et al. 2018), the weaker attack on "
+        "adversarially trained models (benchmarks/results/pgd_gap.md)")
     step_size: float = setting(2.5, "PGD step = step_size * eps / steps under the fixed schedule (2.5: Madry et al. "
                                "2018)", gt=0.0, le=100.0)
     restarts: int = setting(1, "PGD random restarts; the worst case per sample is kept", ge=1, le=1000)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
@@ -25,7 +26,7 @@ from ib import distributed
 from ib.checkpoint import load_checkpoint
 from ib.engine.build import Run, build_optimizer, load_optimizer
 from ib.engine.loop import StopFlag, _open_run, close_epoch, finish, probe_set
-from ib.engine.population import Population, Stacked, population_step
+from ib.engine.population import Population, build_population, population_step
 from ib.engine.run_dir import RunFolder, record_failure
 from ib.engine.step import StepStats, TrainingError
 from ib.errors import ConfigError
@@ -106,16 +107,14 @@ def stack_runs(runs: Sequence[Run], rng_states: Sequence[torch.Tensor]) -> Popul
     """The population of `runs`: their weights stacked, optimisers over the stacked weights with the members'
     states stacked (they must be at the same step), and each member's RNG stream."""
     r = runs[0].recipe
-    model = Stacked([run.model for run in runs])
-    estimator = Stacked([run.estimator for run in runs]) if runs[0].estimator is not None else None
-    optimizer = build_optimizer(r.optimizer, list(model.leaves.values()))
-    _stack_optimizer_state(optimizer, [run.optimizer for run in runs], model.leaf_is_transposed())
-    critic_optimizer = None
-    if runs[0].critic_optimizer is not None:
-        critic_optimizer = build_optimizer(r.mi.optimizer, list(estimator.leaves.values()))
-        _stack_optimizer_state(critic_optimizer, [run.critic_optimizer for run in runs],
-                               estimator.leaf_is_transposed())
-    return Population(model, estimator, optimizer, critic_optimizer, [s.clone() for s in rng_states])
+    pop = build_population([run.model for run in runs], [run.estimator for run in runs],
+                           lambda params: build_optimizer(r.optimizer, params),
+                           lambda params: build_optimizer(r.mi.optimizer, params), rng_states)
+    _stack_optimizer_state(pop.optimizer, [run.optimizer for run in runs], pop.model.leaf_is_transposed())
+    if pop.critic_optimizer is not None:
+        _stack_optimizer_state(pop.critic_optimizer, [run.critic_optimizer for run in runs],
+                               pop.estimator.leaf_is_transposed())
+    return pop
 
 
 def _stack_optimizer_state(target: torch.optim.Optimizer, members: Sequence[torch.optim.Optimizer],
@@ -147,34 +146,29 @@ def _unstack_optimizer_state(source: torch.optim.Optimizer, members: Sequence[to
     member's state already has its tensors (every epoch but the first), else through `load_optimizer`."""
     leaves = [p for group in source.param_groups for p in group["params"]]
     size = len(members)
+
+    def part(i: int, v: Any, m: int) -> Any:
+        """Member m's slice of leaf i's state entry v, shaped as the member's parameter."""
+        if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size):
+            return v
+        return v[m].t() if transposed[i] else v[m]
+
     for m, member in enumerate(members):
         params = [p for group in member.param_groups for p in group["params"]]
-        fresh = False
-        for i, (leaf, param) in enumerate(zip(leaves, params)):
-            state, own = source.state.get(leaf, {}), member.state.get(param)
-            if not state:
-                continue
-            if own is None or set(own) != set(state):
-                fresh = True
-                break
+        pairs = [(i, source.state[leaf], member.state.get(param)) for i, (leaf, param) in enumerate(zip(leaves, params))
+                 if source.state.get(leaf)]
+        if all(own is not None and set(own) == set(state) for _, state, own in pairs):
             with torch.no_grad():
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size:
-                        own[k].copy_(v[m].t() if transposed[i] else v[m])
-                    elif torch.is_tensor(v):
-                        own[k].copy_(v)
-                    else:
-                        own[k] = v
-        if fresh:
-            whole = source.state_dict()
-
-            def part(i: int, v: Any) -> Any:
-                if not (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size):
-                    return v
-                return v[m].t().contiguous() if transposed[i] else v[m].clone()
-
-            per = {i: {k: part(i, v) for k, v in entry.items()} for i, entry in whole["state"].items()}
-            load_optimizer(member, {"state": per, "param_groups": member.state_dict()["param_groups"]})
+                for i, state, own in pairs:
+                    for k, v in state.items():
+                        if torch.is_tensor(v):
+                            own[k].copy_(part(i, v, m))
+                        else:
+                            own[k] = v
+            continue
+        per = {i: {k: (part(i, v, m).clone(memory_format=torch.contiguous_format) if torch.is_tensor(v) else v)
+                   for k, v in state.items()} for i, state, _ in pairs}
+        load_optimizer(member, {"state": per, "param_groups": member.state_dict()["param_groups"]})
 
 
 def write_back(pop: Population, runs: Sequence[Run]) -> None:
@@ -260,7 +254,6 @@ def fit_population(recipes: Sequence[Recipe], run_dirs: Sequence[Path], *, resum
         for folder in folders:
             folder.close()
         for s, handler in previous.items():
-            import signal
             signal.signal(s, handler)
     return [finish(run, Path(d), status, last) for run, d, status, last in zip(runs, run_dirs, statuses, lasts)]
 
