@@ -89,7 +89,7 @@ def _number(value: Any) -> float:
 
 def plane_point(epoch: int, row: Mapping[str, Any]) -> Dict[str, float]:
     """The information-plane point of an epoch's row (or of its `history.csv` line)."""
-    keys = ("I_XZ", "I_XZ_upper", "I_ZY", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper", "I_XZ_ceiling")
+    keys = ("I_XZ", "I_XZ_se", "I_XZ_upper", "I_ZY", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper", "I_XZ_ceiling")
     return {"epoch": epoch, **{k: _number(row.get(f"mi/{k}")) for k in keys}}
 
 

@@ -80,7 +80,8 @@ def information_plane(
     over the whole set (sums added over the processes; the estimator, in `sync` mode, pairs codes across them).
 
     Returns:
-        {"I_ZY": H(Y) - CE, "H_Y": H(Y), "I_XZ": DV bound (NaN without an estimator), "I_XZ_upper": VIB's KL bound,
+        {"I_ZY": H(Y) - CE, "H_Y": H(Y), "I_XZ": the estimator's estimate (NaN without one), "I_XZ_se": its
+         standard error over the probe set (`MIEstimate.se`; NaN where it has none), "I_XZ_upper": VIB's KL bound,
          "I_XZ_pairwise_upper", "I_XZ_pairwise_lower": the pairwise band, "I_XZ_ceiling": log N (the last four NaN
          unless the encoder is Gaussian)}
     """
@@ -99,7 +100,8 @@ def information_plane(
             distributed.reduce_sum_(ce, counts, kl)
         n = int(counts.sum())
         h_y = entropy(counts)
-        out = {"I_ZY": h_y - float(ce) / max(n, 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_upper": math.nan}
+        out = {"I_ZY": h_y - float(ce) / max(n, 1), "H_Y": h_y, "I_XZ": math.nan, "I_XZ_se": math.nan,
+               "I_XZ_upper": math.nan}
         out.update({"I_XZ_pairwise_upper": math.nan, "I_XZ_pairwise_lower": math.nan, "I_XZ_ceiling": math.nan})
         if code.std is not None:
             out["I_XZ_upper"] = float(kl) / max(n, 1)
@@ -114,6 +116,7 @@ def information_plane(
             out["I_XZ"] = out["I_XZ_pairwise_upper"]  # its estimate is the band's upper end, already computed
         elif estimator is not None and n >= 2:
             g = torch.Generator().manual_seed(seed)
-            out["I_XZ"] = estimator.estimate(x, code.z, code=code, batch_size=batch_size,
-                                             permutations=permutations, generator=g)
+            estimate = estimator.estimate(x, code.z, code=code, batch_size=batch_size, permutations=permutations,
+                                          generator=g)
+            out["I_XZ"], out["I_XZ_se"] = float(estimate), estimate.se
     return out

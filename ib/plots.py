@@ -57,12 +57,12 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
 
     Drawn: the pairwise band of a Gaussian encoder (a segment at the epoch's I(Z;Y), from the Bhattacharyya bound,
     raised to the data-processing floor I(Z;Y), to the KL bound: where the probe's I(X;Z) lies), the estimate
-    "I_XZ" as it is (so that one sees when it leaves the band), the probe's ceiling log N, and the region the
-    data-processing inequality rules out.
+    "I_XZ" as it is (so that one sees when it leaves the band) with +- 2 standard errors ("I_XZ_se") where given,
+    the probe's ceiling log N, and the region the data-processing inequality rules out.
 
     Args:
-        points: rows with "epoch", "I_ZY", and any of "I_XZ", "I_XZ_pairwise_lower", "I_XZ_pairwise_upper",
-            "I_XZ_ceiling" (in `units`).
+        points: rows with "epoch", "I_ZY", and any of "I_XZ", "I_XZ_se", "I_XZ_pairwise_lower",
+            "I_XZ_pairwise_upper", "I_XZ_ceiling" (in `units`).
         xz_name: what "I_XZ" is ("MINE", "KL upper bound", ...; "" names nothing), for the x axis.
     """
     fig = Figure(figsize=(5.5, 4.2), dpi=100)
@@ -81,6 +81,9 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
         if estimates:
             ex, ey, ep = [p["I_XZ"] for p in estimates], [p["I_ZY"] for p in estimates], [p["epoch"] for p in estimates]
             ax.plot(ex, ey, color="0.5", lw=0.8, zorder=2)
+            err = [2 * p["I_XZ_se"] if _finite(p.get("I_XZ_se")) else 0.0 for p in estimates]
+            if any(err):  # +- 2 standard errors over the probe set
+                ax.errorbar(ex, ey, xerr=err, fmt="none", ecolor="0.6", elinewidth=0.8, capsize=2, zorder=2)
             sc = ax.scatter(ex, ey, c=ep, cmap="viridis", s=22, zorder=3, label=xz_name or "estimate")
             fig.colorbar(sc, ax=ax, label="epoch")
         _axes_range(ax, [p["I_XZ"] for p in estimates], [x for _, b in bands if b for x in b] + ceiling[-1:],

@@ -96,8 +96,9 @@ def test_information_plane_restores_modes_and_rng():
     a = information_plane(run.model, run.estimator, x, y, permutations=2, seed=3)
     b = information_plane(run.model, run.estimator, x, y, permutations=2, seed=3)
     assert a == b and run.model.training and torch.equal(state, torch.get_rng_state())
-    assert set(a) == {"I_XZ", "I_XZ_upper", "I_ZY", "H_Y", "I_XZ_pairwise_upper", "I_XZ_pairwise_lower",
+    assert set(a) == {"I_XZ", "I_XZ_se", "I_XZ_upper", "I_ZY", "H_Y", "I_XZ_pairwise_upper", "I_XZ_pairwise_lower",
                       "I_XZ_ceiling"}
+    assert 0 < a["I_XZ_se"] < 1  # MINE's held-out bound on 50 probe codes carries its jackknife standard error
 
 
 def test_bits_everywhere(tmp_path):

@@ -129,6 +129,7 @@ def metrics_record(run: Run, row: Mapping[str, float], plane: Mapping[str, float
         "I_XZ_nats": plane.get("I_XZ", math.nan),
         "units": run.recipe.monitor.units,
         "I_XZ": row.get("mi/I_XZ", math.nan),
+        "I_XZ_se": row.get("mi/I_XZ_se", math.nan),
         "I_XZ_upper": row.get("mi/I_XZ_upper", math.nan),
         "I_XZ_pairwise_lower": row.get("mi/I_XZ_pairwise_lower", math.nan),
         "I_XZ_pairwise_upper": row.get("mi/I_XZ_pairwise_upper", math.nan),

@@ -23,8 +23,9 @@ outputs of +-1e4 give finite losses and gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, ClassVar, Dict
+from typing import Any, Callable, ClassVar, Dict, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,46 @@ from ib.registry import Registry
 ESTIMATORS = Registry("estimator")  # MIEstimator subclasses: the trainer reads their class attributes
 
 EXP_CAP = 30.0  # e^30 ~ 1e13: beyond it e^u continues as a tangent line (see exp_capped)
+JACKKNIFE_GROUPS = 20  # groups of held-out samples for an estimate's standard error (see jackknife_se)
+
+
+class MIEstimate(float):
+    """An estimate of I(X;Z) in nats (a float, usable wherever one is) with `se`, its standard error over the
+    samples it was computed on: the spread one would see re-estimating on another held-out set of the same size,
+    with the same trained critic. It does not include the critic's training noise (seeds), which only repeated
+    training measures. NaN where an estimate has no sampling error to report."""
+
+    se: float
+
+    def __new__(cls, value: float, se: float = math.nan) -> "MIEstimate":
+        out = super().__new__(cls, value)
+        out.se = float(se)
+        return out
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        """(value - z se, value + z se): a 95 % normal interval by default."""
+        return float(self) - z * self.se, float(self) + z * self.se
+
+    def __repr__(self) -> str:
+        return f"MIEstimate({float(self)!r}, se={self.se!r})"
+
+
+def jackknife_se(statistic: Callable[[Tensor], Any], n: int, *, groups: int = JACKKNIFE_GROUPS,
+                 device: "torch.device | str" = "cpu") -> float:
+    """The delete-a-group jackknife standard error of a statistic of n samples.
+
+    statistic(keep) computes the estimate from the samples where the bool mask keep [n] (on `device`) is True. The
+    samples are dealt into min(groups, n) interleaved groups (sample i to group i mod G, so that a set ordered by
+    class spreads every class over every group); with theta_k the statistic without group k,
+    se^2 = (G - 1) / G * sum_k (theta_k - mean theta)^2 (Efron & Tibshirani 1993, ch. 11). For a mean it is the
+    usual sd / sqrt(n) up to grouping; for the DV bound, a mean minus a log-mean-exp, it needs no delta method.
+    """
+    g = min(groups, n)
+    if g < 2:
+        return math.nan
+    group = torch.arange(n, device=device) % g
+    thetas = torch.tensor([float(statistic(group != k)) for k in range(g)], dtype=torch.float64)
+    return float(((g - 1) / g * (thetas - thetas.mean()).square().sum()).sqrt())
 
 
 def marginal_shift(n: int, generator: torch.Generator | None = None) -> "int | Tensor":
@@ -78,6 +119,9 @@ class MIEstimator(nn.Module):
             (a test checks), and one that does not is named by nothing.
         upper_bound: Whether the estimate is an upper bound on I(X;Z) (vib_kl's KL) rather than a lower bound
             (the critics' bounds).
+        lower_bound: Whether the estimate is a lower bound on I(X;Z) (mine, mine_f, infonce, jsd: up to the
+            held-out sample's noise, `MIEstimate.se`). False for the upper bounds, and for smile, whose clipped
+            report is neither (it reads above the MI with the exact critic; see `SMILE`).
         needs_critic: Whether the library builds a critic and passes it as the first argument; if False (vib_kl)
             it passes the model's bottleneck name instead, and the estimator has no parameters to train.
         loss_is_minus_penalty: Whether the loss's gradient is minus the penalty's (up to running statistics), as for
@@ -88,6 +132,7 @@ class MIEstimator(nn.Module):
 
     label: ClassVar[str] = ""
     upper_bound: ClassVar[bool] = False
+    lower_bound: ClassVar[bool] = True
     needs_critic: ClassVar[bool] = True
     loss_is_minus_penalty: ClassVar[bool] = True
     sync: bool = False  # global-batch bounds across the processes of a torchrun job (see the module note)
@@ -118,9 +163,19 @@ class MIEstimator(nn.Module):
         raise NotImplementedError
 
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
-                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
-        """The reported value on a whole (held-out) set, in nats."""
+                 permutations: int = 10, generator: torch.Generator | None = None) -> MIEstimate:
+        """The reported value on a whole (held-out) set, in nats, with its standard error over that set."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def unsynced(self) -> Iterator[None]:
+        """Means and log-mean-exps over this process's tensors alone, for statistics of a set already gathered
+        from every process."""
+        sync, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = sync
 
 
 def estimator_labels(estimator: "type[MIEstimator] | MIEstimator | None") -> Dict[str, Any]:
@@ -171,8 +226,9 @@ class CriticEstimator(MIEstimator):
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
-                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
-        """The DV bound (or the subclass's `report`) on a whole (held-out) set, in nats.
+                 permutations: int = 10, generator: torch.Generator | None = None) -> MIEstimate:
+        """The DV bound (or the subclass's `report`) on a whole (held-out) set, in nats, with its jackknife
+        standard error over the set's samples (a sample's group takes its joint pair and its marginal pairs).
 
         Marginal pairs come from `permutations` random cyclic shifts of z over the whole set (not within a batch),
         so the log-mean-exp term averages over `permutations * N` independent-looking pairs.
@@ -195,7 +251,13 @@ class CriticEstimator(MIEstimator):
             # All pairings of the batch in one critic pass: x's features once, [P*B] marginal scores.
             zm = torch.cat([pool[(idx + offset - shift) % n] for shift in shifts])  # == roll(pool, s)[idx + offset]
             tj, tm = self.critic.pair_scores(x[idx], z[idx], zm)
-            t_joint.append(tj)
-            t_marg.append(tm)
+            t_joint.append(tj.float())
+            t_marg.append(tm.float().view(len(shifts), -1).T)  # [B, P]: row i holds x_i's marginal pairs
         self.critic.train(was_training)
-        return float(self.report(torch.cat(t_joint), torch.cat(t_marg)))
+        tj, tm = torch.cat(t_joint), torch.cat(t_marg)  # [N], [N, P]
+        if self.sync:  # the whole set's scores on every process (equal shares, in rank order)
+            tj, tm = distributed.gather(tj)[0], distributed.gather(tm)[0]
+        with self.unsynced():
+            value = float(self.report(tj, tm.flatten()))
+            se = jackknife_se(lambda keep: self.report(tj[keep], tm[keep].flatten()), tj.shape[0], device=tj.device)
+        return MIEstimate(value, se)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ib import distributed
-from ib.estimators.base import ESTIMATORS, CriticEstimator
+from ib.estimators.base import ESTIMATORS, CriticEstimator, MIEstimate, jackknife_se
 from ib.models.bottlenecks import Code
 
 CEILING_MARGIN = 0.1  # nats: an estimate this close to log(B) is reported with a warning
@@ -65,8 +65,9 @@ class InfoNCE(CriticEstimator):
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
-                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
-        """The InfoNCE bound on a (held-out) set, in blocks of about `batch_size` samples, in nats.
+                 permutations: int = 10, generator: torch.Generator | None = None) -> MIEstimate:
+        """The InfoNCE bound on a (held-out) set, in blocks of about `batch_size` samples, in nats, with the
+        jackknife standard error of its per-sample terms.
 
         Args:
             x: inputs [N, ...]; z: codes [N, K].
@@ -87,7 +88,7 @@ class InfoNCE(CriticEstimator):
         self.critic.eval()
         # Blocks of the whole set; this process scores its own rows of each block against the block's codes.
         blocks = torch.arange(n, device=z.device).tensor_split(math.ceil(n / max(batch_size, 2)))
-        total, ceiling = 0.0, 0.0
+        terms, ceilings = [], []  # per row of this process, in row order
         for block in blocks:
             m = block.numel()
             lo, hi = max(int(block[0]), offset), min(int(block[-1]) + 1, offset + z.shape[0])
@@ -97,17 +98,17 @@ class InfoNCE(CriticEstimator):
             rows = max(1, 65_536 // m)
             s = torch.cat([self.critic.scores(x[i - offset:min(i + rows, hi) - offset], zb)
                            for i in range(lo, hi, rows)])  # [hi - lo, m]
-            total += float(infonce_terms(s, lo - int(block[0])).sum())
-            ceiling += math.log(m) * (hi - lo)
+            terms.append(infonce_terms(s.float(), lo - int(block[0])).double())
+            ceilings.append(torch.full((hi - lo,), math.log(m), dtype=torch.float64, device=z.device))
         self.critic.train(was_training)
-        if self.sync:  # each process scored its own rows; add up over the processes
-            sums = torch.tensor([total, ceiling], dtype=torch.float64, device=z.device)
-            distributed.reduce_sum_(sums)
-            total, ceiling = float(sums[0]), float(sums[1])
-        value, ceiling = total / n, ceiling / n
+        terms_all, ceiling_all = torch.cat(terms), torch.cat(ceilings)  # [N] (this process's rows)
+        if self.sync:  # each process scored its own rows; the whole set's terms on every process
+            terms_all, ceiling_all = distributed.gather(terms_all)[0], distributed.gather(ceiling_all)[0]
+        value, ceiling = float(terms_all.mean()), float(ceiling_all.mean())
+        se = jackknife_se(lambda keep: terms_all[keep].mean(), n, device=terms_all.device)
         if value > ceiling - CEILING_MARGIN:
             warnings.warn(
                 f"InfoNCE estimate {value:.3f} nats is within {CEILING_MARGIN} of its ceiling log(block size) = "
                 f"{ceiling:.3f}: the true I(X;Z) may be far higher. Use larger blocks (batch_size) or a DV-type "
                 f"estimator (smile, mine)", stacklevel=2)
-        return value
+        return MIEstimate(value, se)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ib import distributed
-from ib.estimators.base import ESTIMATORS
+from ib.estimators.base import ESTIMATORS, MIEstimate
 from ib.estimators.vib import GaussianCodeBound, gaussian_code
 from ib.models.bottlenecks import Code
 
@@ -133,7 +133,8 @@ class PairwiseKL(GaussianCodeBound):
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
-                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
-        """The pairwise KL bound over the whole (held-out) set, in nats; the other arguments are unused."""
+                 permutations: int = 10, generator: torch.Generator | None = None) -> MIEstimate:
+        """The pairwise KL bound over the whole (held-out) set, in nats; the other arguments are unused. Its `se`
+        is NaN: the bound is exact for X uniform over the set's inputs, a property of the set, not a sample of it."""
         _, _, pool_mean, pool_std = self._codes(code)
-        return pairwise_bound(pool_mean, pool_std, "kl")
+        return MIEstimate(pairwise_bound(pool_mean, pool_std, "kl"))

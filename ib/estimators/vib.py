@@ -20,8 +20,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ib import distributed
 from ib.errors import ConfigError
-from ib.estimators.base import ESTIMATORS, MIEstimator
+from ib.estimators.base import ESTIMATORS, MIEstimate, MIEstimator, jackknife_se
 from ib.models.bottlenecks import Code
 
 GAUSSIAN_BOTTLENECKS = ("gaussian",)  # bottlenecks whose Code carries mean and std
@@ -66,6 +67,7 @@ class GaussianCodeBound(MIEstimator):
 
     name: ClassVar[str]  # the registry name, for messages
     upper_bound = True
+    lower_bound = False
     needs_critic = False
     loss_is_minus_penalty = False  # nothing to train; the penalty needs the Code
 
@@ -92,7 +94,11 @@ class VariationalKL(GaussianCodeBound):
 
     @torch.no_grad()
     def estimate(self, x: Tensor, z: Tensor, *, code: Code | None = None, batch_size: int = 1024,
-                 permutations: int = 10, generator: torch.Generator | None = None) -> float:
-        """The average KL over the (held-out) set, in nats; the other arguments are unused."""
+                 permutations: int = 10, generator: torch.Generator | None = None) -> MIEstimate:
+        """The average KL over the (held-out) set, in nats, with the jackknife standard error of that mean; the
+        other arguments are unused."""
         code = gaussian_code(code)
-        return float(self.mean(gaussian_kl(code.mean, code.std).double()))
+        kl = gaussian_kl(code.mean, code.std).double()  # [N]
+        if self.sync:  # every process's rows (equal shares)
+            kl = distributed.gather(kl)[0]
+        return MIEstimate(float(kl.mean()), jackknife_se(lambda keep: kl[keep].mean(), kl.shape[0], device=kl.device))
