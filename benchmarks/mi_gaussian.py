@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -275,6 +277,24 @@ def fixed_peer(name: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: in
     return {"value": float(value), "se": math.nan, "seconds": time.perf_counter() - t0}
 
 
+def fingerprint(library: str) -> str:
+    """What a cached cell depends on beyond its key: `ib.estimate_mi`'s defaults (hashed), or torch-mist's version.
+    A change of either makes new cells instead of reusing stale ones."""
+    if library == "ib":
+        from ib.estimators import estimate_mi
+
+        defaults = sorted((k, repr(p.default)) for k, p in inspect.signature(estimate_mi).parameters.items()
+                          if p.default is not inspect.Parameter.empty and k not in ("estimator", "steps", "seed"))
+        return "defaults-" + hashlib.sha1(repr(defaults).encode()).hexdigest()[:8]
+    from importlib.metadata import version
+
+    return f"torch-mist-{version('torch-mist')}"
+
+
+def cell_key(variant: str, level: float, seed: int, library: str, name: str, steps: int) -> str:
+    return f"{variant}|{level:g}|{seed}|{library}|{name}|{steps}|{fingerprint(library)}|n={FIXED_N}"
+
+
 def fixed_protocol(args: argparse.Namespace, peers: Sequence[str], log: Callable[[str], None]) -> Dict[str, Dict]:
     """Every (transform, level, seed, estimator) cell, read from the cache beside the report or computed and added
     to it at once (so an interrupted run resumes)."""
@@ -286,7 +306,7 @@ def fixed_protocol(args: argparse.Namespace, peers: Sequence[str], log: Callable
             for level in args.levels:
                 x, y = fixed_dataset(level, variant == "cubic", seed)
                 for library, name, fn in contenders:
-                    key = f"{variant}|{level:g}|{seed}|{library}|{name}|{args.steps}"
+                    key = cell_key(variant, level, seed, library, name, args.steps)
                     if key not in cache:
                         cache[key] = fn(name, x, y, args.steps, seed)
                         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +350,7 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
             cells, secs = [], []
             for level in args.levels:
                 rec = [cache[k] for seed in range(args.seeds)
-                       if (k := f"{variant}|{level:g}|{seed}|{library}|{name}|{args.steps}") in cache]
+                       if (k := cell_key(variant, level, seed, library, name, args.steps)) in cache]
                 vals = [r["value"] for r in rec]
                 secs += [r["seconds"] for r in rec]
                 if vals:
@@ -465,8 +485,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                           "mi_gaussian.md, or mi_gaussian_fixed.md)")
     args = p.parse_args(argv)
     fixed = args.protocol == "fixed"
-    args.steps = args.steps or (2000 if fixed else 300)
-    args.seeds = args.seeds or (3 if fixed else 2)
+    args.steps = args.steps if args.steps is not None else (2000 if fixed else 300)
+    args.seeds = args.seeds if args.seeds is not None else (3 if fixed else 2)
     args.out = args.out or (FIXED_OUT if fixed else DEFAULT_OUT)
     return args
 

@@ -1,7 +1,7 @@
 """ib: train classifiers under an Information Bottleneck, with I(X;Z) estimated by MINE.
 
 Public API (imported on first use, so that `ib --help` and recipe errors answer without loading torch):
-    estimate_mi(x, y, estimator="mine", ...)  -> float, nats
+    estimate_mi(x, y, estimator="mine", ...)  -> MIEstimate: a float in nats with its standard error .se
     load_recipe(path, overrides)              -> Recipe
     fit(recipe, run_dir, ...)                 -> metrics dict
 """

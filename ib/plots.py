@@ -78,16 +78,16 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
                     label="pairwise band (Bhattacharyya to KL)" if i == 0 else None)
         if ceiling:
             ax.axvline(ceiling[-1], color="0.4", ls="--", lw=0.8, label=f"ceiling log N = {ceiling[-1]:.3g}")
+        err = [2 * p["I_XZ_se"] if _finite(p.get("I_XZ_se")) else 0.0 for p in estimates]  # +- 2 standard errors
         if estimates:
             ex, ey, ep = [p["I_XZ"] for p in estimates], [p["I_ZY"] for p in estimates], [p["epoch"] for p in estimates]
             ax.plot(ex, ey, color="0.5", lw=0.8, zorder=2)
-            err = [2 * p["I_XZ_se"] if _finite(p.get("I_XZ_se")) else 0.0 for p in estimates]
-            if any(err):  # +- 2 standard errors over the probe set
-                ax.errorbar(ex, ey, xerr=err, fmt="none", ecolor="0.6", elinewidth=0.8, capsize=2, zorder=2)
+            if any(err):
+                ax.errorbar(ex, ey, xerr=err, fmt="none", ecolor="0.6", elinewidth=0.8, capsize=0, zorder=2)
             sc = ax.scatter(ex, ey, c=ep, cmap="viridis", s=22, zorder=3, label=xz_name or "estimate")
             fig.colorbar(sc, ax=ax, label="epoch")
-        _axes_range(ax, [p["I_XZ"] for p in estimates], [x for _, b in bands if b for x in b] + ceiling[-1:],
-                    [p["I_ZY"] for p in pts])
+        _axes_range(ax, [p["I_XZ"] + e for p, e in zip(estimates, err)],
+                    [x for _, b in bands if b for x in b] + ceiling[-1:], [p["I_ZY"] for p in pts])
         _impossible_region(ax)
         ax.legend(loc="lower right", fontsize=7)
     else:

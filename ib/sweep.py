@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["run", "beta", "seed", "status", "test_accuracy", "val_accuracy", "units", "I_XZ", "I_XZ_upper", "I_ZY",
            "H_Y", "I_XZ_nats", "epochs", "train_seconds", "robust_accuracy", "I_XZ_pairwise_lower",
-           "I_XZ_pairwise_upper", "I_XZ_ceiling"]
+           "I_XZ_pairwise_upper", "I_XZ_ceiling", "I_XZ_se"]
 
 
 def run_name(beta: float, seed: int) -> str:

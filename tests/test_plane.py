@@ -143,7 +143,7 @@ def test_ib_plane_writes_pngs(tmp_path, digits_run):
     assert main(["plane", str(tmp_path)]) == 2
 
 
-POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_upper": 40.0, "I_ZY": 1.5, "I_XZ_pairwise_lower": 1.2,
+POINTS = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_se": 0.05, "I_XZ_upper": 40.0, "I_ZY": 1.5, "I_XZ_pairwise_lower": 1.2,
            "I_XZ_pairwise_upper": 3.0, "I_XZ_ceiling": 4.0},
           {"epoch": 2, "I_XZ": 1.2, "I_XZ_upper": 45.0, "I_ZY": 1.8, "I_XZ_pairwise_lower": 1.0,
            "I_XZ_pairwise_upper": 2.5, "I_XZ_ceiling": 4.0}]
@@ -187,6 +187,20 @@ def test_plane_figure_draws_the_band_from_the_data_processing_floor():
     bare = [{k: p[k] for k in ("epoch", "I_XZ", "I_ZY")} for p in POINTS]  # an additive encoder: no band
     ax = plane_figure(bare, "nats", xz_name="MINE").axes[0]
     assert not [line for line in ax.lines if line.get_marker() == "|"]
+
+
+def test_plane_figure_draws_two_standard_errors_around_an_estimate_and_keeps_them_in_view():
+    from matplotlib.collections import LineCollection
+
+    from ib.plots import plane_figure
+
+    far = [{"epoch": 1, "I_XZ": 1.0, "I_XZ_se": 2.0, "I_ZY": 0.5}, {"epoch": 2, "I_XZ": 1.2, "I_ZY": 0.6}]
+    ax = plane_figure(far, "nats", xz_name="MINE").axes[0]
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+    segments = [s.tolist() for c in bars for s in c.get_segments()]
+    assert [[-3.0, 0.5], [5.0, 0.5]] in segments  # 1.0 +- 2 * 2.0 at I(Z;Y) = 0.5; the point without an se has none
+    assert not any(seg[0][1] == 0.6 and seg[0][0] != seg[1][0] for seg in segments)
+    assert ax.get_xlim()[1] >= 5.0  # the bar's right end is in view
 
 
 def test_every_estimator_declares_its_label_and_bound():

@@ -119,9 +119,11 @@ class MIEstimator(nn.Module):
             (a test checks), and one that does not is named by nothing.
         upper_bound: Whether the estimate is an upper bound on I(X;Z) (vib_kl's KL) rather than a lower bound
             (the critics' bounds).
-        lower_bound: Whether the estimate is a lower bound on I(X;Z) (mine, mine_f, infonce, jsd: up to the
-            held-out sample's noise, `MIEstimate.se`). False for the upper bounds, and for smile, whose clipped
-            report is neither (it reads above the MI with the exact critic; see `SMILE`).
+        lower_bound: Whether the estimate is a lower bound on I(X;Z) (mine, mine_f, infonce, jsd) in expectation
+            over the data. On a finite held-out set the DV report's log-mean-exp of heavy-tailed e^T is biased low,
+            so at high MI it can read above the truth: with the exact critic on 20-d Gaussians and 200 pairings,
+            8.21 at 8 nats and 10.40 at 10 (benchmarks/results/report_bias.md). False for the upper bounds, and for
+            smile, whose clipped report is neither (it reads above the MI with the exact critic; see `SMILE`).
         needs_critic: Whether the library builds a critic and passes it as the first argument; if False (vib_kl)
             it passes the model's bottleneck name instead, and the estimator has no parameters to train.
         loss_is_minus_penalty: Whether the loss's gradient is minus the penalty's (up to running statistics), as for
@@ -251,8 +253,8 @@ class CriticEstimator(MIEstimator):
             # All pairings of the batch in one critic pass: x's features once, [P*B] marginal scores.
             zm = torch.cat([pool[(idx + offset - shift) % n] for shift in shifts])  # == roll(pool, s)[idx + offset]
             tj, tm = self.critic.pair_scores(x[idx], z[idx], zm)
-            t_joint.append(tj.float())
-            t_marg.append(tm.float().view(len(shifts), -1).T)  # [B, P]: row i holds x_i's marginal pairs
+            t_joint.append(tj.double())  # the report's means and log-mean-exps in float64
+            t_marg.append(tm.double().reshape(len(shifts), -1).T)  # [B, P]: row i holds x_i's marginal pairs
         self.critic.train(was_training)
         tj, tm = torch.cat(t_joint), torch.cat(t_marg)  # [N], [N, P]
         if self.sync:  # the whole set's scores on every process (equal shares, in rank order)

@@ -1,0 +1,150 @@
+"""MINE's training step: ours, torch-mist's, and the plain-PyTorch floor of the same work, timed in lockstep.
+
+All three train the same critic (a joint ReLU MLP 40-256-256-1 on concat(x, y), x, y in R^20) on the same batches
+of B pairs with one marginal pairing per sample, with Adam at lr 1e-3:
+
+- `ib mine`: `ESTIMATORS.create("mine", critic)`, its loss (DV with the moving-average gradient correction), and
+  the optimiser `ib train` builds for a critic (Adam, fused where torch has it);
+- `torch-mist mine`: `torch_mist.estimators.mine(x_dim=20, y_dim=20, hidden_dims=[256, 256])` and its loss, with
+  torch's Adam (what its own training uses);
+- `plain floor`: an nn.Sequential of the same shape, the 2B pairs stacked in one forward, loss
+  mean(T_joint) - logsumexp(T_marginal) + log B, backward and fused Adam: the least a MINE step can do in PyTorch
+  (no moving average, no marginal sampling beyond one roll).
+
+The contenders take turns on chunks of steps, so load from other processes falls on all alike. The floor bounds
+the ratio any implementation can reach against torch-mist: ours / torch-mist >= floor / torch-mist.
+
+    python benchmarks/mine_step.py                    # ~1 min
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ib.engine.build import build_optimizer  # noqa: E402
+from ib.estimators import ESTIMATORS  # noqa: E402
+from ib.models.critics import CRITICS  # noqa: E402
+from ib.recipe import OptimConfig  # noqa: E402
+
+DIM, HIDDEN, LR = 20, 256, 1e-3
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mine_step.md"
+
+
+def ours() -> Callable[[torch.Tensor, torch.Tensor], None]:
+    critic = CRITICS.create("joint", (DIM,), DIM, hidden=(HIDDEN, HIDDEN), activation="relu", input_noise=0.0,
+                            hidden_noise=0.0)
+    est = ESTIMATORS.create("mine", critic)
+    opt = build_optimizer(OptimConfig(name="adam", lr=LR), list(est.parameters()))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        est.loss(x, y).backward()
+        opt.step()
+
+    return step
+
+
+def peer() -> Callable[[torch.Tensor, torch.Tensor], None]:
+    import torch_mist.estimators as tme
+
+    est = tme.mine(x_dim=DIM, y_dim=DIM, hidden_dims=[HIDDEN, HIDDEN])
+    opt = torch.optim.Adam(est.parameters(), lr=LR)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        est.loss(x.clone(), y.clone()).backward()  # fresh tensors: torch-mist caches outputs keyed on its arguments
+        opt.step()
+
+    return step
+
+
+def floor() -> Callable[[torch.Tensor, torch.Tensor], None]:
+    net = nn.Sequential(nn.Linear(2 * DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+                        nn.Linear(HIDDEN, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        b = x.shape[0]
+        t = net(torch.cat([torch.cat([x, y], 1), torch.cat([x, y.roll(1, 0)], 1)])).squeeze(1)  # [2B]
+        loss = -(t[:b].mean() - torch.logsumexp(t[b:], 0) + math.log(b))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def measure(batch: int, steps: int, chunk: int) -> Dict[str, List[float]]:
+    contenders = {"ib mine": ours(), "plain floor": floor()}
+    if importlib.util.find_spec("torch_mist") is not None:
+        contenders["torch-mist mine"] = peer()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(batch, DIM, generator=g), torch.randn(batch, DIM, generator=g)) for _ in range(chunk)]
+    for fn in contenders.values():  # warm-up
+        for x, y in data:
+            fn(x, y)
+    times: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(steps // chunk):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            for x, y in data:
+                fn(x, y)
+            times[name].append((time.perf_counter() - t0) / chunk * 1000)  # ms per step
+    return times
+
+
+def main(argv: List[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lines = [
+        "# MINE's training step: ours, torch-mist's and the plain-PyTorch floor",
+        "",
+        "Written by `benchmarks/mine_step.py`; do not edit by hand.",
+        "",
+        f"- command: `python {shlex.join(['benchmarks/mine_step.py', *(argv or sys.argv[1:])])}`",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{args.threads}, torch {torch.__version__}; load average at the start {os.getloadavg()[0]:.1f}",
+        f"- protocol: critic 40-{HIDDEN}-{HIDDEN}-1 (ReLU), one marginal pairing, Adam lr {LR:g}; {args.steps} steps "
+        f"each, in lockstep chunks of {args.chunk} after a chunk of warm-up; cells: median ms per step over "
+        "the chunks (and the ratio of medians).",
+        "",
+        "| batch | ib mine | torch-mist mine | plain floor | ours / torch-mist | floor / torch-mist | ours / floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for batch in args.batch_sizes:
+        times = measure(batch, args.steps, args.chunk)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        peer_ms = med.get("torch-mist mine", math.nan)
+        lines.append(f"| {batch} | {med['ib mine']:.3f} | {peer_ms:.3f} | {med['plain floor']:.3f} | "
+                     f"{med['ib mine'] / peer_ms:.2f} | {med['plain floor'] / peer_ms:.2f} | "
+                     f"{med['ib mine'] / med['plain floor']:.2f} |")
+        print(lines[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    sys.stdout.write(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
