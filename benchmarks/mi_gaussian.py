@@ -297,9 +297,11 @@ def cell_key(variant: str, level: float, seed: int, library: str, name: str, ste
 
 def fixed_protocol(args: argparse.Namespace, peers: Sequence[str], log: Callable[[str], None]) -> Dict[str, Dict]:
     """Every (transform, level, seed, estimator) cell, read from the cache beside the report or computed and added
-    to it at once (so an interrupted run resumes)."""
+    to it at once (so an interrupted run resumes); with `--report`, the cached cells alone."""
     cache_path = args.out.with_suffix(".json")
     cache: Dict[str, Dict] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    if args.report:
+        return cache
     contenders = [("ib", n, fixed_ours) for n in args.estimators] + [("torch-mist", n, fixed_peer) for n in peers]
     for seed in range(args.seeds):  # seed-major: a partial run covers every level
         for variant in args.variants:
@@ -480,6 +482,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=5, help="fresh batches per evaluation point (5 points a level)")
     p.add_argument("--eval-negatives", type=int, default=10, help="marginal pairings per sample in DV estimates")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared machine)")
+    p.add_argument("--report", action="store_true",
+                   help="fixed protocol: write the report from the cached cells only (a partial run's n per cell)")
     p.add_argument("--smoke", action="store_true", help="a plumbing check: 8 steps, one level, one seed, batch 32")
     p.add_argument("--out", type=Path, default=None, help="markdown report (default: benchmarks/results/"
                                                           "mi_gaussian.md, or mi_gaussian_fixed.md)")

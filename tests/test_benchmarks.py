@@ -105,7 +105,9 @@ def test_train_speed_smoke_writes_the_report(tmp_path, precision):
     ranges = re.findall(r"(\d+\.\d+) \(rounds (\d+\.\d+)-(\d+\.\d+)\)", text)
     assert len(ranges) == 7 and all(float(lo) <= float(mid) <= float(hi) for mid, lo, hi in ranges)
     fixed = re.search(r"beta=0 (\d+\.\d+) ms, MINE-IB (\d+\.\d+) ms", text)
-    assert fixed and 0 < float(fixed[1]) < float(fixed[2])  # MINE's step does strictly more
+    # Both fixed costs are measured; their order is a timing of 2 steps, which load on the machine can flip (it did
+    # with two other jobs on 2 cores), so it is not asserted: that MINE's step does more is checked on the FLOPs below.
+    assert fixed and 0 < float(fixed[1]) and 0 < float(fixed[2])
     for row in ("| plain PyTorch reference (CE, torch's default Adam) |", "| ib, beta=0 (deterministic, no critic) |",
                 "| ib, MINE-IB (paper critic) |"):
         cells = [c.strip() for c in next(l for l in text.splitlines() if l.startswith(row)).strip("|").split("|")]
