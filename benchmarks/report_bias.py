@@ -91,7 +91,7 @@ def measure(seeds: int) -> dict[str, dict[float, list[float]]]:
             put("dv, all pairs", mi, all_pairs(exact, x, y))
             put("smile (tau=5), all pairs", mi, all_pairs(exact, x, y, tau=5.0))
             put("smile (tau=5), all pairs, T* + 2", mi, all_pairs(ExactCritic(mi, 2.0), x, y, tau=5.0))
-            put("smile (tau=5), P=20 (as estimate_mi)", mi,
+            put("smile (tau=5), P=20", mi,
                 float(SMILE(exact).estimate(x, y, permutations=20, generator=g)))
     return cells
 
