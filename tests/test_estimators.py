@@ -54,7 +54,9 @@ def test_estimate_mi_on_gaussians(true_mi, tolerance):
     est = ib.estimate_mi(x, y, estimator="mine", seed=0)
     seconds = time.perf_counter() - t0
     assert abs(est - true_mi) < tolerance, f"estimate {est:.3f} vs true {true_mi}"
-    assert seconds < 30  # the goal is 15 s on 2 cores; this bound leaves room for a loaded CI machine
+    # One thread here (the module's fixture): 18-23 s measured beside another job. The 15 s goal is for 2 threads and
+    # is timed by benchmarks/estimate_mi_defaults.py; this bound only catches a pathological slowdown.
+    assert seconds < 45
 
 
 def test_estimate_mi_of_independent_samples_is_near_zero():

@@ -59,7 +59,8 @@ def estimate_mi(
         holdout: share of samples kept for the reported estimate (0 reports on the training samples).
         permutations: marginal pairings per held-out sample. The log-mean-exp over them is the noisy part of the
             DV report: with the exact critic at 4 nats (d = 20, 4,000 held-out samples) 20 pairings leave a spread
-            of 0.20 nats over data seeds, 200 leave 0.05 (benchmarks/results/report_bias.md).
+            of 0.20 nats over data seeds, 200 leave 0.05; at 8 nats, where too few pairings make the DV report read
+            above the truth, 20 read 8.37 and 200 read 8.21 (benchmarks/results/report_bias.md).
         seed: seeds the critic, the batches and the shuffles; the global RNG is left as it was.
 
     Returns:
