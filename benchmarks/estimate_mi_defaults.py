@@ -2,7 +2,8 @@
 
 The promise under test (issue: estimators at high MI): on d = 20 correlated Gaussians with 20,000 samples,
 `ib.estimate_mi(x, y, seed=s)` reads within 0.2 nats of the truth at 2 and 4 nats for 3 seeds, each call under
-15 s on 2 cores. The data of seed s is `correlated_gaussians(20_000, 20, mi, seed=s)` of tests/test_estimators.py.
+15 s on 2 cores. The data of seed s is `mi_gaussian.sample(20_000, mi)` from a generator seeded with s, the same
+draws as `correlated_gaussians(20_000, 20, mi, seed=s)` in tests/test_estimators.py.
 
 Rows: the defaults, then one change at a time (the earlier defaults: a ReLU critic, 20 held-out pairings), so that
 each default's share of the error is measured alone, then two ways of spending more time on the critic. Columns:
@@ -14,9 +15,7 @@ per call.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -26,10 +25,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.estimators import estimate_mi  # noqa: E402
+from mi_gaussian import sample  # noqa: E402
+from train_speed import cpu_name  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "estimate_mi_defaults.md"
 VARIANTS = {
@@ -40,14 +41,6 @@ VARIANTS = {
     "more compute: 5,000 steps": {"steps": 5000},
     "more compute: 16 marginal pairings": {"marginals": 16},
 }
-
-
-def correlated_gaussians(n: int, d: int, mi: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The data of tests/test_estimators.py: each coordinate pair with rho such that I(X;Y) = mi nats."""
-    rho = math.sqrt(1.0 - math.exp(-2.0 * mi / d))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    return x, rho * x + math.sqrt(1 - rho**2) * torch.randn(n, d, generator=g)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         "Written by `benchmarks/estimate_mi_defaults.py`; do not edit by hand.",
         "",
         f"- command: `python {shlex.join(['benchmarks/estimate_mi_defaults.py', *(argv or sys.argv[1:])])}`",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
         f"{args.threads}, torch {torch.__version__}; load average at the start "
         f"{os.getloadavg()[0]:.1f} (other jobs slow the times, not the values)",
-        f"- protocol: `estimate_mi(x, y, seed=s, **change)` on `correlated_gaussians(20_000, 20, mi, seed=s)`, "
+        f"- protocol: `estimate_mi(x, y, seed=s, **change)` on 20,000 samples drawn with seed s, "
         f"s = 0..{args.seeds - 1}; cells: estimate - truth ± jackknife se (nats) per seed; the largest |error|; "
         "the mean wall time of a call.",
         "",
@@ -80,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         for mi in args.levels:
             errors, cells, seconds = [], [], []
             for seed in range(args.seeds):
-                x, y = correlated_gaussians(20_000, 20, mi, seed)
+                x, y = sample(20_000, mi, cubic=False, g=torch.Generator().manual_seed(seed))
                 t0 = time.perf_counter()
                 est = estimate_mi(x, y, seed=seed, **VARIANTS[name])
                 seconds.append(time.perf_counter() - t0)

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from ib.estimators import ESTIMATORS  # noqa: E402
+from ib.estimators import ESTIMATORS, estimate_mi  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
 from ib.engine.build import build_optimizer  # noqa: E402
@@ -252,8 +252,6 @@ def fixed_dataset(level: float, cubic: bool, seed: int) -> tuple[torch.Tensor, t
 
 
 def fixed_ours(name: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> Dict[str, float]:
-    from ib.estimators import estimate_mi
-
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # InfoNCE's ceiling warning: the table shows the ceiling anyway
@@ -281,8 +279,6 @@ def fingerprint(library: str) -> str:
     """What a cached cell depends on beyond its key: `ib.estimate_mi`'s defaults (hashed), or torch-mist's version.
     A change of either makes new cells instead of reusing stale ones."""
     if library == "ib":
-        from ib.estimators import estimate_mi
-
         defaults = sorted((k, repr(p.default)) for k, p in inspect.signature(estimate_mi).parameters.items()
                           if p.default is not inspect.Parameter.empty and k not in ("estimator", "steps", "seed"))
         return "defaults-" + hashlib.sha1(repr(defaults).encode()).hexdigest()[:8]
@@ -322,8 +318,6 @@ def _best_cell(best: Optional[tuple[float, str]]) -> str:
 
 
 def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str, Dict], command: str) -> str:
-    from ib.estimators import ESTIMATORS
-
     labels = [("ib", n) for n in args.estimators] + [("torch-mist", n) for n in peers]
     lines = [
         "# `estimate_mi` on correlated Gaussians: ours against torch-mist's, one fixed dataset per cell",

@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,13 +33,14 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.engine.build import build_optimizer  # noqa: E402
 from ib.estimators import ESTIMATORS  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
+from train_speed import cpu_name  # noqa: E402
 
 DIM, HIDDEN, LR = 20, 256, 1e-3
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mine_step.md"
@@ -124,7 +124,7 @@ def main(argv: List[str] | None = None) -> None:
         "Written by `benchmarks/mine_step.py`; do not edit by hand.",
         "",
         f"- command: `python {shlex.join(['benchmarks/mine_step.py', *(argv or sys.argv[1:])])}`",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
         f"{args.threads}, torch {torch.__version__}; load average at the start {os.getloadavg()[0]:.1f}",
         f"- protocol: critic 40-{HIDDEN}-{HIDDEN}-1 (ReLU), one marginal pairing, Adam lr {LR:g}; {args.steps} steps "
         f"each, in lockstep chunks of {args.chunk} after a chunk of warm-up; cells: median ms per step over "

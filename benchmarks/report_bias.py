@@ -27,12 +27,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.estimators import MINE, SMILE  # noqa: E402
+from mi_gaussian import DIM, rho_for, sample  # noqa: E402
+from train_speed import cpu_name  # noqa: E402
 
-DIM, N, HELD_OUT = 20, 20_000, 4_000
+N, HELD_OUT = 20_000, 4_000
 LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "report_bias.md"
 
@@ -42,7 +44,7 @@ class ExactCritic(torch.nn.Module):
 
     def __init__(self, mi: float, shift: float = 0.0) -> None:
         super().__init__()
-        self.rho, self.shift = math.sqrt(1.0 - math.exp(-2.0 * mi / DIM)), shift
+        self.rho, self.shift = rho_for(mi), shift
 
     def t(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s2 = 1.0 - self.rho**2
@@ -54,11 +56,9 @@ class ExactCritic(torch.nn.Module):
 
 
 def held_out(mi: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out 4,000 of 20,000 samples, split as `ib.estimate_mi` splits them (its seed = the data seed)."""
-    rho = math.sqrt(1.0 - math.exp(-2.0 * mi / DIM))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, DIM, generator=g)
-    y = rho * x + math.sqrt(1.0 - rho**2) * torch.randn(N, DIM, generator=g)
+    """The held-out 4,000 of 20,000 samples (`mi_gaussian.sample` from a generator seeded with the data seed), split
+    as `ib.estimate_mi(seed=seed)` splits them."""
+    x, y = sample(N, mi, cubic=False, g=torch.Generator().manual_seed(seed))
     test = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[N - HELD_OUT:]
     return x[test].double(), y[test].double()
 
@@ -103,7 +103,7 @@ def write(cells: dict[str, dict[float, list[float]]], seeds: int, out: Path) -> 
         "Written by `benchmarks/report_bias.py`; do not edit by hand.",
         "",
         f"- command: `python {shlex.join(['benchmarks/report_bias.py', *sys.argv[1:]])}`",
-        f"- machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, "
+        f"- machine: {cpu_name()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}",
         f"- protocol: the 4,000 held-out samples of 20,000 (the split of `ib.estimate_mi`), {seeds} data seeds; "
         "critic T*(x, y) = log p(y|x) - log p(y), exact, in float64. Cells: mean ± sd over seeds, nats.",
