@@ -9,7 +9,10 @@ of B pairs with one marginal pairing per sample, with Adam at lr 1e-3:
   torch's Adam (what its own training uses);
 - `plain floor`: an nn.Sequential of the same shape, the 2B pairs stacked in one forward, loss
   mean(T_joint) - logsumexp(T_marginal) + log B, backward and fused Adam: the least a MINE step can do in PyTorch
-  (no moving average, no marginal sampling beyond one roll).
+  (no moving average, no marginal sampling beyond one roll);
+- `ib mine, population of S`: S such critics trained as one (`ib.estimators.CriticPopulation`, what
+  `ib.estimate_mi_population` trains one critic per seed with), each on its own batch of B pairs; its time per
+  member (a population step over S) is set against one step of the others: the same work per member.
 
 The contenders take turns on chunks of steps, so load from other processes falls on all alike. The floor bounds
 the ratio any implementation can reach against torch-mist: ours / torch-mist >= floor / torch-mist.
@@ -37,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.engine.build import build_optimizer  # noqa: E402
-from ib.estimators import ESTIMATORS  # noqa: E402
+from ib.estimators import ESTIMATORS, CriticPopulation  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
 from train_speed import cpu_name  # noqa: E402
@@ -46,10 +49,14 @@ DIM, HIDDEN, LR = 20, 256, 1e-3
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mine_step.md"
 
 
-def ours() -> Callable[[torch.Tensor, torch.Tensor], None]:
+def _mine() -> torch.nn.Module:
     critic = CRITICS.create("joint", (DIM,), DIM, hidden=(HIDDEN, HIDDEN), activation="relu", input_noise=0.0,
                             hidden_noise=0.0)
-    est = ESTIMATORS.create("mine", critic)
+    return ESTIMATORS.create("mine", critic)
+
+
+def ours() -> Callable[[torch.Tensor, torch.Tensor], None]:
+    est = _mine()
     opt = build_optimizer(OptimConfig(name="adam", lr=LR), list(est.parameters()))
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -74,6 +81,17 @@ def peer() -> Callable[[torch.Tensor, torch.Tensor], None]:
     return step
 
 
+def population(size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A population step of `size` members; it takes the stacked batches [S, B, DIM]."""
+    members, states = [], []
+    for m in range(size):
+        torch.manual_seed(m)
+        members.append(_mine())
+        states.append(torch.get_rng_state())
+    pop = CriticPopulation(members, states, lambda params: build_optimizer(OptimConfig(name="adam", lr=LR), params))
+    return pop.step
+
+
 def floor() -> Callable[[torch.Tensor, torch.Tensor], None]:
     net = nn.Sequential(nn.Linear(2 * DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                         nn.Linear(HIDDEN, 1))
@@ -90,22 +108,28 @@ def floor() -> Callable[[torch.Tensor, torch.Tensor], None]:
     return step
 
 
-def measure(batch: int, steps: int, chunk: int) -> Dict[str, List[float]]:
+def measure(batch: int, steps: int, chunk: int, size: int) -> Dict[str, List[float]]:
+    """Median-ready ms per step of each contender (per member for the population), over lockstep chunks."""
     contenders = {"ib mine": ours(), "plain floor": floor()}
     if importlib.util.find_spec("torch_mist") is not None:
         contenders["torch-mist mine"] = peer()
+    contenders["population"] = population(size)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(batch, DIM, generator=g), torch.randn(batch, DIM, generator=g)) for _ in range(chunk)]
-    for fn in contenders.values():  # warm-up
-        for x, y in data:
+    stacked = [(torch.randn(size, batch, DIM, generator=g), torch.randn(size, batch, DIM, generator=g))
+               for _ in range(chunk // size or 1)]  # as many member steps as one chunk of the others
+    for name, fn in contenders.items():  # warm-up
+        for x, y in (stacked if name == "population" else data):
             fn(x, y)
     times: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(steps // chunk):
         for name, fn in contenders.items():
+            batches = stacked if name == "population" else data
             t0 = time.perf_counter()
-            for x, y in data:
+            for x, y in batches:
                 fn(x, y)
-            times[name].append((time.perf_counter() - t0) / chunk * 1000)  # ms per step
+            member_steps = len(batches) * (size if name == "population" else 1)
+            times[name].append((time.perf_counter() - t0) / member_steps * 1000)  # ms per (member) step
     return times
 
 
@@ -115,6 +139,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--population", type=int, default=10, help="members of the population contender")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -128,18 +153,20 @@ def main(argv: List[str] | None = None) -> None:
         f"{args.threads}, torch {torch.__version__}; load average at the start {os.getloadavg()[0]:.1f}",
         f"- protocol: critic 40-{HIDDEN}-{HIDDEN}-1 (ReLU), one marginal pairing, Adam lr {LR:g}; {args.steps} steps "
         f"each, in lockstep chunks of {args.chunk} after a chunk of warm-up; cells: median ms per step over "
-        "the chunks (and the ratio of medians).",
+        f"the chunks (and the ratio of medians). The population of {args.population} critics (each its own batch of "
+        "B) steps as many member steps per chunk as the others; its cell is ms per member step.",
         "",
-        "| batch | ib mine | torch-mist mine | plain floor | ours / torch-mist | floor / torch-mist | ours / floor |",
-        "|---|---|---|---|---|---|---|",
+        f"| batch | ib mine | torch-mist mine | plain floor | ib mine, population of {args.population} (per member) "
+        "| ours / torch-mist | floor / torch-mist | ours / floor | population / torch-mist |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for batch in args.batch_sizes:
-        times = measure(batch, args.steps, args.chunk)
+        times = measure(batch, args.steps, args.chunk, args.population)
         med = {name: statistics.median(t) for name, t in times.items()}
         peer_ms = med.get("torch-mist mine", math.nan)
         lines.append(f"| {batch} | {med['ib mine']:.3f} | {peer_ms:.3f} | {med['plain floor']:.3f} | "
-                     f"{med['ib mine'] / peer_ms:.2f} | {med['plain floor'] / peer_ms:.2f} | "
-                     f"{med['ib mine'] / med['plain floor']:.2f} |")
+                     f"{med['population']:.3f} | {med['ib mine'] / peer_ms:.2f} | {med['plain floor'] / peer_ms:.2f} | "
+                     f"{med['ib mine'] / med['plain floor']:.2f} | {med['population'] / peer_ms:.2f} |")
         print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 Public API (imported on first use, so that `ib --help` and recipe errors answer without loading torch):
     estimate_mi(x, y, estimator="mine", ...)  -> MIEstimate: a float in nats with its standard error .se
+    estimate_mi_population(x, y, seeds=...)   -> [MIEstimate]: one per seed, the critics trained together
     load_recipe(path, overrides)              -> Recipe
     fit(recipe, run_dir, ...)                 -> metrics dict
 """
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "estimate_mi": "ib.estimators.estimate",
+    "estimate_mi_population": "ib.estimators.estimate",
     "load_recipe": "ib.recipe",
     "Recipe": "ib.recipe",
     "fit": "ib.engine",

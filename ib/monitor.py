@@ -160,10 +160,10 @@ class TensorBoardLogger:
                 self.writer.add_scalar(tag, value, epoch)
         self.points.append(plane_point(epoch, row))
         if self.plane_figure:
-            from ib.plots import plane_figure
+            from ib.plots import plane_figure, render_rgb
 
             figure = plane_figure(self.points, self.units, xz_name=self.xz_name)
-            self.writer.add_figure("mi/information_plane", figure, epoch)
+            self.writer.add_image("mi/information_plane", render_rgb(figure), epoch, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

@@ -123,7 +123,8 @@ def test_event_files_hold_scalars_figure_and_layout(digits_run):
     tags = acc.Tags()
     assert {"mi/I_XZ", "mi/I_XZ_upper", "mi/I_ZY", "mi/H_Y", "time/plane_s"} <= set(tags["scalars"])
     assert "mi/information_plane" in tags["images"]
-    assert len(acc.Images("mi/information_plane")) == 3
+    images = acc.Images("mi/information_plane")
+    assert len(images) == 3 and (images[-1].width, images[-1].height) == (550, 420)  # 5.5 x 4.2 in at 100 dpi
     layout_events = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout()
     layout.ParseFromString(layout_events[0].tensor_proto.string_val[0])
@@ -178,15 +179,17 @@ def test_plane_figure_draws_the_band_from_the_data_processing_floor():
     from ib.plots import plane_figure
 
     ax = plane_figure(POINTS, "nats", xz_name="MINE").axes[0]
-    bands = [line for line in ax.lines if line.get_marker() == "|"]
-    assert [list(line.get_xdata()) for line in bands] == [[1.5, 3.0], [1.8, 2.5]]  # lower ends raised to I(Z;Y)
-    assert [list(line.get_ydata()) for line in bands] == [[1.5, 1.5], [1.8, 1.8]]
+    bands = [c for c in ax.collections if c.get_label().startswith("pairwise band")]  # one artist, every epoch's
+    assert [s.tolist() for s in bands[0].get_segments()] == [[[1.5, 1.5], [3.0, 1.5]], [[1.8, 1.8], [2.5, 1.8]]]
+    ends = [line for line in ax.lines if line.get_marker() == "|"]  # lower ends raised to I(Z;Y)
+    assert list(ends[0].get_xdata()) == [1.5, 3.0, 1.8, 2.5] and list(ends[0].get_ydata()) == [1.5, 1.5, 1.8, 1.8]
     assert any(line.get_linestyle() == "--" and list(line.get_xdata()) == [4.0, 4.0] for line in ax.lines)
     labels = ax.get_legend_handles_labels()[1]
     assert "MINE" in labels and any(t.startswith("impossible") for t in labels)
     bare = [{k: p[k] for k in ("epoch", "I_XZ", "I_ZY")} for p in POINTS]  # an additive encoder: no band
     ax = plane_figure(bare, "nats", xz_name="MINE").axes[0]
     assert not [line for line in ax.lines if line.get_marker() == "|"]
+    assert not [c for c in ax.collections if c.get_label().startswith("pairwise band")]
 
 
 def test_plane_figure_draws_two_standard_errors_around_an_estimate_and_keeps_them_in_view():

@@ -64,8 +64,6 @@ def population_blockers(recipes: Sequence[Recipe]) -> List[str]:
         reasons.append(f"precision {r.precision}")
     if r.monitor.alignment.enabled:
         reasons.append("monitor.alignment (measured per run inside the epoch)")
-    if r.mi.enabled and int(r.mi.estimator.options.get("marginals", 1) or 1) > 1:
-        reasons.append("mi.estimator.marginals > 1")
     return reasons
 
 

@@ -216,9 +216,9 @@ class CriticEstimator(MIEstimator):
         if self.marginals == 1:
             shifts = [marginal_shift(n)]
         else:
-            shifts = (torch.randperm(n - 1)[: self.marginals] + 1).tolist()  # distinct, in [1, N*B-1]
+            shifts = noise.distinct_shifts(n, self.marginals)  # distinct, in [1, N*B-1]
         rows = torch.arange(offset, offset + z.shape[0], device=z.device)
-        z_marginal = torch.cat([pool[(rows - s) % n] for s in shifts])  # == torch.roll(pool, s)[rows]
+        z_marginal = torch.cat([pool[(rows - shifts[j]) % n] for j in range(len(shifts))])  # roll(pool, s)[rows]
         t_joint, t_marginal = self.critic.pair_scores(x, z, z_marginal)
         return t_joint.float(), t_marginal.float()  # the bound's means and exps in float32 under bf16 autocast
 

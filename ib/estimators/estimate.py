@@ -1,13 +1,17 @@
-"""`estimate_mi`: mutual information between two sample sets, with a freshly trained critic."""
+"""`estimate_mi`: mutual information between two sample sets, with a freshly trained critic; and
+`estimate_mi_population`: the same for several seeds (or data sets) at once, the critics trained as one population."""
 from __future__ import annotations
+
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
 
 from ib.errors import ConfigError
-from ib.estimators.base import ESTIMATORS, MIEstimate
+from ib.estimators.base import ESTIMATORS, MIEstimate, MIEstimator
+from ib.estimators.population import CriticPopulation
 from ib.models.critics import CRITICS
-from ib.modes import seeded
+from ib.modes import rng_devices, seeded
 
 # Width of a separable critic's embeddings. On finite samples wider ones memorise the training pairs: at 2 nats in
 # d = 20, an InfoNCE critic with 256-wide embeddings read 2.6 nats on its training pairs and 0.8 held out; 32 (the
@@ -68,14 +72,99 @@ def estimate_mi(
         samples (`.interval()` gives value +- 1.96 se). The se is the noise of the held-out evaluation alone; the
         spread over seeds (the critic's training) comes on top.
     """
+    x, y = _check(x, y, estimator, critic, hidden, holdout, steps, batch_size)
+    with seeded(seed, x.device):
+        g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
+        opt = torch.optim.Adam(est.parameters(), lr=lr)
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        b = min(batch_size, len(train))
+        for _ in range(steps):
+            idx = train[torch.randint(0, len(train), (b,), generator=g).to(x.device)]
+            opt.zero_grad(set_to_none=True)
+            est.loss(x[idx], y[idx]).backward()
+            opt.step()
+            decay.step()
+        return est.estimate(x[test], y[test], permutations=permutations, generator=g)
+
+
+def estimate_mi_population(
+    x: Tensor,
+    y: Tensor,
+    estimator: str = "mine",
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    critic: str | None = None,
+    steps: int = 3000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    hidden: tuple[int, ...] = (256, 256),
+    activation: str = "gelu",
+    marginals: int = 4,
+    holdout: float = 0.2,
+    permutations: int = 200,
+) -> List[MIEstimate]:
+    """`estimate_mi` for several seeds (and data sets) at once: one critic per seed, trained together as one
+    population with batched matrix products (`torch.func.vmap` over the stacked critics).
+
+    Member m is the call `estimate_mi(x[m], y[m], ..., seed=seeds[m])` (or `x`, `y` for every member when they are
+    [N, d]): its own initial weights, held-out split, batches and marginal shifts, drawn from its own seed's streams
+    in that call's order. The results equal the separate calls' to float rounding (the batched products round
+    differently from the single ones; tests/test_estimators.py holds them to it); the spread over seeds is what a
+    report of an estimate needs beside its standard error, and the population gives it at a fraction of the
+    separate calls' time (benchmarks/results/mine_step.md).
+
+    Args:
+        x: samples [N, dx] shared by every member, or [S, N, dx], one set per member. y: [N, dy] or [S, N, dy].
+        seeds: one per member, S of them.
+        estimator, critic, steps, batch_size, lr, hidden, activation, marginals, holdout, permutations: as
+            `estimate_mi`'s, the same for every member.
+
+    Returns:
+        One `MIEstimate` per seed, in order.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("seeds must name at least one seed")
+    size = len(seeds)
+    for name, t in (("x", x), ("y", y)):
+        if t.ndim == 3 and t.shape[0] != size:
+            raise ConfigError(f"{name} holds {t.shape[0]} data sets [S, N, d] for {size} seeds; give one per seed")
+    xs = x if x.ndim == 3 else x.expand(size, *x.shape)  # [S, N, dx]
+    ys = y if y.ndim == 3 else y.expand(size, *y.shape)  # [S, N, dy]
+    checked = [_check(xs[m], ys[m], estimator, critic, hidden, holdout, steps, batch_size) for m in range(size)]
+    xs, ys = torch.stack([c[0] for c in checked]), torch.stack([c[1] for c in checked])
+    members, states = [], []
+    for m, seed in enumerate(seeds):
+        with seeded(seed, xs.device):
+            members.append(_setup(xs[m], ys[m], estimator, critic, hidden, activation, marginals, holdout, seed))
+            states.append(torch.get_rng_state())  # the member's stream after building, where its call goes on
+    pop = CriticPopulation([est for _, _, _, est in members], states, lambda params: torch.optim.Adam(params, lr=lr))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(pop.optimizer, T_max=steps)
+    n_train = len(members[0][1])
+    b = min(batch_size, n_train)
+    rows = torch.arange(size).unsqueeze(1)  # [S, 1]
+    with torch.random.fork_rng(devices=rng_devices(xs.device)):
+        for _ in range(steps):
+            idx = torch.stack([train[torch.randint(0, n_train, (b,), generator=g).to(xs.device)]
+                               for g, train, _, _ in members])  # [S, b]: each member's batch
+            pop.step(xs[rows, idx], ys[rows, idx])
+            decay.step()
+        results = [pop.load_into(m, est).estimate(xs[m][test], ys[m][test], permutations=permutations, generator=g)
+                   for m, (g, _, test, est) in enumerate(members)]
+    return results
+
+
+def _check(x: Tensor, y: Tensor, estimator: str, critic: str | None, hidden: tuple[int, ...], holdout: float,
+           steps: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Reject what `estimate_mi` cannot do, naming why; returns x and y as float32."""
     if not ESTIMATORS.get(estimator).needs_critic:
         raise ConfigError(f"estimator '{estimator}' reads an encoder's Gaussian code, not samples; estimate_mi "
                           f"takes a critic-based one: mine, mine_f, infonce, smile, jsd")
-    critic = critic or ("separable" if estimator == "infonce" else "joint")
-    if critic not in ("joint", "separable"):
+    if critic not in (None, "joint", "separable"):
         raise ConfigError(f"critic must be 'joint' or 'separable', got {critic!r}")
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ConfigError(f"x and y must be [N, dx] and [N, dy] with the same N, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ConfigError(f"x and y must be [N, dx] and [N, dy] with the same N, got {tuple(x.shape)}, "
+                          f"{tuple(y.shape)}")
     if not hidden:
         raise ConfigError("hidden must name at least one width")
     if not 0.0 <= holdout < 1.0:
@@ -87,26 +176,24 @@ def estimate_mi(
     if 0 < n - n_train < 2:
         raise ConfigError(f"holdout={holdout} leaves {n - n_train} held-out sample of N={n}; the estimate needs at "
                           f"least 2 (raise holdout, or 0 to estimate on the training samples)")
-    x, y = x.float(), y.float()
-    with seeded(seed, x.device):
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(n, generator=g).to(x.device)
-        train, test = perm[:n_train], perm[n_train:] if n_train < n else perm
-        if critic == "joint":
-            net = CRITICS.create("joint", (x.shape[1],), y.shape[1], hidden=tuple(hidden), activation=activation,
-                                 input_noise=0.0, hidden_noise=0.0)
-        else:
-            net = CRITICS.create("separable", (x.shape[1],), y.shape[1], hidden=tuple(hidden[:-1]),
-                                 embed_dim=SEPARABLE_EMBED, activation=activation)
-        options = {"marginals": marginals} if "marginals" in ESTIMATORS.options(estimator) else {}
-        est = ESTIMATORS.create(estimator, net, **options).to(x.device)
-        opt = torch.optim.Adam(est.parameters(), lr=lr)
-        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        b = min(batch_size, n_train)
-        for _ in range(steps):
-            idx = train[torch.randint(0, n_train, (b,), generator=g).to(x.device)]
-            opt.zero_grad(set_to_none=True)
-            est.loss(x[idx], y[idx]).backward()
-            opt.step()
-            decay.step()
-        return est.estimate(x[test], y[test], permutations=permutations, generator=g)
+    return x.float(), y.float()
+
+
+def _setup(x: Tensor, y: Tensor, estimator: str, critic: str | None, hidden: tuple[int, ...], activation: str,
+           marginals: int, holdout: float, seed: int) -> tuple[torch.Generator, Tensor, Tensor, MIEstimator]:
+    """What a call draws before training, in order (inside `seeded(seed)`): its generator, the training and held-out
+    rows of its split, and the estimator with a freshly initialised critic."""
+    n = x.shape[0]
+    n_train = n - int(round(holdout * n))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    train, test = perm[:n_train], perm[n_train:] if n_train < n else perm
+    critic = critic or ("separable" if estimator == "infonce" else "joint")
+    if critic == "joint":
+        net = CRITICS.create("joint", (x.shape[1],), y.shape[1], hidden=tuple(hidden), activation=activation,
+                             input_noise=0.0, hidden_noise=0.0)
+    else:
+        net = CRITICS.create("separable", (x.shape[1],), y.shape[1], hidden=tuple(hidden[:-1]),
+                             embed_dim=SEPARABLE_EMBED, activation=activation)
+    options = {"marginals": marginals} if "marginals" in ESTIMATORS.options(estimator) else {}
+    return g, train, test, ESTIMATORS.create(estimator, net, **options).to(x.device)

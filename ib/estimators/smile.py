@@ -2,19 +2,19 @@
 
     I_SMILE = E_P[T] - log E_Q[ clip(e^T, e^-tau, e^tau) ]
 
-Clipping bounds the variance of the partition term, the weak spot of DV-type estimates as the MI grows, at the
-price of a bias that shrinks as tau grows (tau = inf is the plain DV bound). The clip from above shrinks the
-partition term and the clip from below raises it; where the critic is good the first wins (the marginal pairs'
-mass above e^tau outweighs what e^-tau adds below), so the report sits above the DV bound and is not a lower bound
-(`lower_bound` is False). With the exact critic log p(x, z) / p(x) p(z) on 20-d Gaussians, over every pair of
-4,000 held-out samples, tau = 5 reads 4.28, 6.73, 9.31 and 12.00 nats at a true 4, 6, 8 and 10, where the plain DV bound reads
-4.02, 5.98, 7.87 and 9.82 (benchmarks/results/report_bias.md). A trained critic's deficit can cancel some of it,
-which is why SMILE looks accurate in the staircase benchmarks; use `jsd` (the same critic, the DV report) where a
-lower bound is needed. As in the paper's code and in
-torch-mist, the critic is trained with the Jensen-Shannon objective (see `jsd`), and the clipped bound is only
-reported: maximising the clipped bound itself is ill-posed, since the clip removes the partition term's gradient for
-every marginal pair scored above tau, and nothing then stops T from growing without limit on the joint pairs
-(on 20-d Gaussians it diverges to -1e5 nats within a few hundred steps).
+Clipping bounds the variance of the partition term, the weak spot of DV-type estimates as the MI grows, at the price
+of a bias that shrinks as tau grows (tau = inf is the plain DV bound). The clip from above shrinks the partition
+term and the clip from below raises it; where the critic is good the first wins (the marginal pairs' mass above
+e^tau outweighs what e^-tau adds below), so the report sits above the DV bound and is not a lower bound
+(`lower_bound` is False). With the exact critic log p(x, z) / p(x) p(z) on 20-d Gaussians, over every pair of 4,000
+held-out samples, tau = 5 reads 4.28, 6.73, 9.31 and 12.00 nats at a true 4, 6, 8 and 10, where the plain DV bound
+reads 4.02, 5.98, 7.87 and 9.82 (benchmarks/results/report_bias.md). A trained critic's deficit can cancel some of
+it, which is why SMILE looks accurate in the staircase benchmarks; use `jsd` (the same critic, the DV report) where
+a lower bound is needed. As in the paper's code and in torch-mist, the critic is trained with the Jensen-Shannon
+objective (see `jsd`), and the clipped bound is only reported: maximising the clipped bound itself is ill-posed,
+since the clip removes the partition term's gradient for every marginal pair scored above tau, and nothing then
+stops T from growing without limit on the joint pairs (on 20-d Gaussians it diverges to -1e5 nats within a few
+hundred steps).
 """
 from __future__ import annotations
 

@@ -70,9 +70,10 @@ class _SharedFirstLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(fx: Tensor, zz: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        f = fx.shape[1]
+        (b, f), h = fx.shape, weight.shape[0]
         h_x = torch.addmm(bias, fx, weight[:, :f].t())  # [B, H], once per x
-        return h_x.repeat(zz.shape[0] // fx.shape[0], 1) + zz @ weight[:, f:].t()  # [(P+1)*B, H]
+        # broadcast over the P+1 tiles rather than `h_x.repeat`: no tiled copy to write and read back
+        return ((zz @ weight[:, f:].t()).view(-1, b, h) + h_x).view(-1, h)  # [(P+1)*B, H]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:

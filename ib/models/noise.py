@@ -1,9 +1,9 @@
 """Where the random draws of a training step come from: the global RNG, or each population member's own stream.
 
-Every random draw of a training step goes through the two functions here:
+Every random draw of a training step goes through the functions here:
 - the code's noise (`ib.models.bottlenecks`);
 - a joint critic's noise layers (`ib.models.critics`);
-- the marginal pairing's shifts (`ib.estimators.base`).
+- the marginal pairings' shifts, one or several distinct (`ib.estimators.base`).
 
 By default they are torch's own calls on the global RNG, drawing exactly what `torch.randn_like` or `torch.randint`
 would. Inside `population_noise`, the draws of a population of models trained as one batched model under
@@ -66,6 +66,9 @@ class PopulationNoise:
     def randint(self, low: int, high: int) -> Tensor:
         return self._each(lambda: torch.randint(low, high, (1,))[0])
 
+    def distinct(self, n: int, k: int) -> Tensor:
+        return self._each(lambda: torch.randperm(n - 1)[:k] + 1)
+
 
 _SOURCE: contextvars.ContextVar[Optional[PopulationNoise]] = contextvars.ContextVar("ib_noise_source", default=None)
 
@@ -87,6 +90,16 @@ def randint(low: int, high: int, generator: Optional[torch.Generator] = None) ->
     if source is None or generator is not None:
         return int(torch.randint(low, high, (1,), generator=generator).item())
     return source.randint(low, high)
+
+
+def distinct_shifts(n: int, k: int) -> "List[int] | Tensor":
+    """k distinct integers in [1, n - 1] (the first k of a random permutation, plus one): a list of ints from the
+    global RNG, or inside `population_noise` each member's own draw (a batched [k] tensor, whose entries index
+    arithmetic can use)."""
+    source = _SOURCE.get()
+    if source is None:
+        return (torch.randperm(n - 1)[:k] + 1).tolist()
+    return source.distinct(n, k)
 
 
 @contextlib.contextmanager

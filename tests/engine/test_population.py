@@ -14,7 +14,7 @@ S, B, STEPS = 3, 16, 4
 BETAS = (0.0, 1e-2, 0.3)  # beta = 0 skips the penalty (and its draws) in its separate run
 
 
-def _member(seed, estimator):
+def _member(seed, estimator, marginals=1):
     torch.manual_seed(seed)
     model = build_classifier("mlp", {"hidden": [32, 32], "activation": "elu"}, "gaussian",
                              {"z_dim": 8, "std_offset": 2.0}, (1, 8, 8), 10, [0.5], [0.25])
@@ -25,7 +25,7 @@ def _member(seed, estimator):
     else:
         critic = CRITICS.create("joint", (1, 8, 8), 8, hidden=(24, 24), activation="elu", input_noise=0.3,
                                 hidden_noise=0.5)
-        est = ESTIMATORS.create(estimator, critic)
+        est = ESTIMATORS.create(estimator, critic, **({"marginals": marginals} if marginals > 1 else {}))
     return model, est, torch.get_rng_state()
 
 
@@ -45,16 +45,17 @@ def _batches(seed):
     return [(torch.rand(B, 1, 8, 8, generator=g), torch.randint(0, 10, (B,), generator=g)) for _ in range(STEPS)]
 
 
-@pytest.mark.parametrize("estimator, kind, fused", [("mine", "sgd", False), ("mine", "sgd", True),
-                                                    ("infonce", "sgd", False), ("infonce", "sgd", True),
-                                                    ("vib_kl", "adam", False), ("vib_kl", "sgd", False),
-                                                    ("none", "adam", False)])
-def test_population_step_equals_separate_steps(estimator, kind, fused):
+@pytest.mark.parametrize("estimator, kind, fused, marginals", [
+    ("mine", "sgd", False, 1), ("mine", "sgd", True, 1), ("mine", "sgd", False, 3), ("mine", "sgd", True, 3),
+    ("infonce", "sgd", False, 1), ("infonce", "sgd", True, 1), ("vib_kl", "adam", False, 1),
+    ("vib_kl", "sgd", False, 1), ("none", "adam", False, 1)])
+def test_population_step_equals_separate_steps(estimator, kind, fused, marginals):
+    """marginals = 3: each member's three distinct shifts of a step, drawn from its own stream."""
     make = _optimizer(kind)
     data = [_batches(100 + m) for m in range(S)]  # each member its own batches
     separate, metrics = [], []
     for m in range(S):
-        model, est, _ = _member(m, estimator)
+        model, est, _ = _member(m, estimator, marginals)
         opt = make(model.parameters())
         critic_opt = make(est.parameters()) if est is not None and list(est.parameters()) else None
         rows = []
@@ -64,7 +65,7 @@ def test_population_step_equals_separate_steps(estimator, kind, fused):
         separate.append((model, est, torch.get_rng_state()))
         metrics.append(rows)
 
-    members = [_member(m, estimator) for m in range(S)]
+    members = [_member(m, estimator, marginals) for m in range(S)]
     pop = build_population([m[0] for m in members], [m[1] for m in members], make, make, [m[2] for m in members])
     rows = []
     for step in range(STEPS):
