@@ -13,7 +13,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Set
 
 from ib.checkpoint import atomic_write
 from ib.errors import ConfigError
@@ -127,6 +127,13 @@ class CSVHistory:
         pass
 
 
+def figure_epochs(epochs: int, figures: int) -> Set[int]:
+    """The epochs (1-based) at which a run of `epochs` epochs draws its `figures` plane figures: the first to reach
+    each of `figures` evenly spaced marks, so the last epoch always draws, and every epoch does when there are no
+    more epochs than figures. Each figure holds the whole trajectory so far, so the ones between lose nothing."""
+    return {e for e in range(1, epochs + 1) if e * figures // epochs != (e - 1) * figures // epochs}
+
+
 class TensorBoardLogger:
     """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
     the I(X;Z) estimate with the pairwise band, and the information-plane trajectory as a figure each epoch.
@@ -137,17 +144,19 @@ class TensorBoardLogger:
             checkpointed before a crash does not appear twice; the trajectory so far is read back from
             `history.csv`.
         units: of the information quantities, for titles.
-        plane_figure: draw the plane's trajectory each epoch.
+        plane_figure: draw the plane's trajectory (the whole trajectory so far, each time).
         xz_name: what `mi/I_XZ` is ("MINE", "KL upper bound", ...; "" without an estimator), for titles.
+        figure_epochs: the epochs that draw the figure (`figure_epochs`); None: every epoch.
     """
 
     def __init__(self, run_dir: str | Path, resume_epoch: int = 0, *, units: str = "nats",
-                 plane_figure: bool = True, xz_name: str = "") -> None:
+                 plane_figure: bool = True, xz_name: str = "", figure_epochs: Optional[Set[int]] = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard's writer only where one is made
 
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_epoch + 1 if resume_epoch else None)
         self.units, self.xz_name = units, xz_name
         self.plane_figure = plane_figure
+        self.figure_epochs = figure_epochs  # None: every epoch
         self.points: List[Dict[str, float]] = []
         if resume_epoch and (Path(run_dir) / "history.csv").exists():
             self.points = history_points(run_dir, up_to=resume_epoch)
@@ -159,7 +168,7 @@ class TensorBoardLogger:
             if value is not None and not tag.startswith("align/"):  # those go to `AlignmentLog`, by step
                 self.writer.add_scalar(tag, value, epoch)
         self.points.append(plane_point(epoch, row))
-        if self.plane_figure:
+        if self.plane_figure and (self.figure_epochs is None or epoch in self.figure_epochs):
             from ib.plots import plane_figure, render_rgb
 
             figure = plane_figure(self.points, self.units, xz_name=self.xz_name)

@@ -134,6 +134,17 @@ def test_event_files_hold_scalars_figure_and_layout(digits_run):
     assert (series.value, series.lower, series.upper) == ("mi/I_XZ", "mi/I_XZ_pairwise_lower", "mi/I_XZ_pairwise_upper")
 
 
+@pytest.mark.parametrize("epochs, figures", [(40, 10), (15, 10), (5, 10), (1, 10), (100, 1), (7, 3)])
+def test_a_run_draws_its_plane_figures_at_evenly_spaced_epochs_the_last_included(epochs, figures):
+    from ib.monitor import figure_epochs
+
+    drawn = sorted(figure_epochs(epochs, figures))
+    assert len(drawn) == min(epochs, figures) and drawn[-1] == epochs
+    gaps = [b - a for a, b in zip([0, *drawn], drawn)]
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced up to rounding
+    assert figure_epochs(40, 10) == {4, 8, 12, 16, 20, 24, 28, 32, 36, 40}
+
+
 def test_ib_plane_writes_pngs(tmp_path, digits_run):
     shutil.copytree(digits_run, tmp_path / "run")
     assert main(["plane", str(tmp_path / "run")]) == 0

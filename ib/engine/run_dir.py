@@ -28,7 +28,8 @@ from ib.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ib.engine.build import Run
 from ib.errors import CheckpointError, ConfigError, IBError
 from ib.estimators.base import estimator_labels
-from ib.monitor import AlignmentLog, CSVHistory, EpochLogger, TensorBoardLogger, read_json, write_json
+from ib.monitor import (AlignmentLog, CSVHistory, EpochLogger, TensorBoardLogger, figure_epochs, read_json,
+                        write_json)
 from ib.recipe import Recipe, dump_recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ class RunFolder:
         self.loggers: List[EpochLogger] = [
             CSVHistory(run_dir / "history.csv", run.progress.epoch),
             TensorBoardLogger(run_dir, run.progress.epoch, units=recipe.monitor.units,
-                              plane_figure=recipe.monitor.plane_figure, xz_name=labels["label"]),
+                              plane_figure=recipe.monitor.plane_figure, xz_name=labels["label"],
+                              figure_epochs=figure_epochs(recipe.epochs, recipe.monitor.plane_figures)),
         ]
         self.alignment = AlignmentLog(run_dir, run.progress.step) if run.alignment is not None else None
         if self.alignment is not None and self.alignment.rows and run.progress.step:  # resumed: the latest so far
