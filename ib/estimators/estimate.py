@@ -110,8 +110,10 @@ def estimate_mi_population(
     [N, d]): its own initial weights, held-out split, batches and marginal shifts, drawn from its own seed's streams
     in that call's order. The results equal the separate calls' to float rounding (the batched products round
     differently from the single ones; tests/test_estimators.py holds them to it); the spread over seeds is what a
-    report of an estimate needs beside its standard error, and the population gives it at a fraction of the
-    separate calls' time (benchmarks/results/mine_step.md).
+    report of an estimate needs beside its standard error. The population saves the per-step fixed cost of each
+    call, not its arithmetic: at the defaults, where a step is mostly arithmetic, three seeds take 0.8-0.9 of three
+    calls (benchmarks/results/estimate_mi_population.md); with smaller steps the saving is larger
+    (benchmarks/results/mine_step.md).
 
     Args:
         x: samples [N, dx] shared by every member, or [S, N, dx], one set per member. y: [N, dy] or [S, N, dy].
