@@ -5,8 +5,10 @@ The promise under test (issue: estimators at high MI): on d = 20 correlated Gaus
 15 s on 2 cores. The data of seed s is `mi_gaussian.sample(20_000, mi)` from a generator seeded with s, the same
 draws as `correlated_gaussians(20_000, 20, mi, seed=s)` in tests/test_estimators.py.
 
-Rows: the defaults, then one change at a time (the earlier defaults: a ReLU critic, 20 held-out pairings), so that
-each default's share of the error is measured alone, then two ways of spending more time on the critic. Columns:
+Rows: the defaults, then one change at a time (the earlier defaults: a ReLU critic, 20 held-out pairings, batch
+128), so that each default's share of the error is measured alone, then ways of spending more time on the critic.
+The report lists the defaults it ran with; results/estimate_mi_defaults.md ran with batch 128 and
+results/estimate_mi_batch.md compares batch sizes. Columns:
 the error of each seed's estimate (estimate - truth, with its jackknife se), the largest |error|, and the wall time
 per call.
 
@@ -15,6 +17,7 @@ per call.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shlex
 import statistics
@@ -40,6 +43,11 @@ VARIANTS = {
     "relu, 20 pairings (the earlier defaults)": {"activation": "relu", "permutations": 20},
     "more compute: 5,000 steps": {"steps": 5000},
     "more compute: 16 marginal pairings": {"marginals": 16},
+    "batch 128 (the earlier default)": {"batch_size": 128},
+    "batch 256": {"batch_size": 256},
+    "batch 512": {"batch_size": 512},
+    "infonce (its default batch, 128)": {"estimator": "infonce"},
+    "infonce, batch 384": {"estimator": "infonce", "batch_size": 384},
 }
 
 
@@ -61,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
         f"{args.threads}, torch {torch.__version__}; load average at the start "
         f"{os.getloadavg()[0]:.1f} (other jobs slow the times, not the values)",
+        "- estimate_mi's defaults: " + ", ".join(f"{k}={v.default!r}" for k, v in
+                                                   inspect.signature(estimate_mi).parameters.items()
+                                                   if v.default is not inspect.Parameter.empty and k != "seed"),
         f"- protocol: `estimate_mi(x, y, seed=s, **change)` on 20,000 samples drawn with seed s, "
         f"s = 0..{args.seeds - 1}; cells: estimate - truth ± jackknife se (nats) per seed; the largest |error|; "
         "the mean wall time of a call.",

@@ -12,6 +12,7 @@ population, at each level.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shlex
 import sys
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- command: `python {shlex.join(['benchmarks/estimate_mi_population.py', *(argv or sys.argv[1:])])}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, torch {torch.__version__}; "
         f"load average at the start {os.getloadavg()[0]:.1f}",
+        "- estimate_mi's defaults: " + ", ".join(f"{k}={v.default!r}" for k, v in
+                                                   inspect.signature(estimate_mi).parameters.items()
+                                                   if v.default is not inspect.Parameter.empty and k != "seed"),
         f"- protocol: estimate_mi's defaults; seed s's data drawn with seed s, s = 0..{args.seeds - 1}; the separate "
         "calls one after another, then one population call on the stacked sets.",
         "",

@@ -43,20 +43,19 @@ def correlated_gaussians(n: int, d: int, mi: float, seed: int = 0):
     return x, y
 
 
-# Measured with the defaults (GELU critic, 3,000 steps, batch 128, 4 marginal pairings; held-out DV on 4,000
-# samples with 200 pairings), seeds 0-2 (benchmarks/results/estimate_mi_defaults.md): 1.91-1.99 at 2 nats, 3.63-3.84
-# at 4 nats. At 4 nats the critic itself falls short (the exact critic's report is within 0.06, report_bias.md), so
-# the tolerance there is wider than the 0.2 aimed for, and says so: the largest error measured (0.37) plus 0.08.
-@pytest.mark.parametrize("true_mi,tolerance", [(2.0, 0.2), (4.0, 0.45)])
-def test_estimate_mi_on_gaussians(true_mi, tolerance):
+# Measured with the defaults (GELU critic, 3,000 steps, batch 384, 4 marginal pairings; held-out DV on 4,000
+# samples with 200 pairings), seeds 0-2 (benchmarks/results/estimate_mi_batch.md): 1.92-2.00 at 2 nats, 3.83-3.88
+# at 4 nats. The tolerance is the promise, 0.2 at both levels; seed 0 here reads 3.86 at 4 nats.
+@pytest.mark.parametrize("true_mi", [2.0, 4.0])
+def test_estimate_mi_on_gaussians(true_mi):
     x, y = correlated_gaussians(20_000, 20, true_mi)
     t0 = time.perf_counter()
     est = ib.estimate_mi(x, y, estimator="mine", seed=0)
     seconds = time.perf_counter() - t0
-    assert abs(est - true_mi) < tolerance, f"estimate {est:.3f} vs true {true_mi}"
-    # One thread here (the module's fixture): 18-23 s measured beside another job. The 15 s goal is for 2 threads and
-    # is timed by benchmarks/estimate_mi_defaults.py; this bound only catches a pathological slowdown.
-    assert seconds < 45
+    assert abs(est - true_mi) < 0.2, f"estimate {est:.3f} vs true {true_mi}"
+    # One thread here (the module's fixture): about 50 s measured. The 15 s goal is for 2 threads (24.6 s measured:
+    # missed) and is timed by benchmarks/estimate_mi_defaults.py; this bound only catches a pathological slowdown.
+    assert seconds < 120
 
 
 def test_estimate_mi_of_independent_samples_is_near_zero():
@@ -83,7 +82,7 @@ def test_estimate_mi_population_equals_the_separate_calls(estimator):
     agree to rounding's size, not bitwise: within 1e-5, some 100 ulps. Marginal shifts drawn from the global stream
     instead of each member's put them 3e-4 apart, and another seed's batches by the seeds' spread (over 1e-2)."""
     x, y = correlated_gaussians(1200, 4, 1.0)
-    kw = dict(steps=60, hidden=(32, 32), permutations=20)
+    kw = dict(steps=60, hidden=(32, 32), permutations=20, batch_size=128)
     separate = [ib.estimate_mi(x, y, estimator, seed=s, **kw) for s in (3, 4, 5)]
     torch.manual_seed(0)
     before = torch.get_rng_state()
@@ -492,7 +491,7 @@ def test_infonce_respects_its_ceiling_at_10_nats():
 def test_each_estimator_on_gaussians_at_2_nats(name, tolerance):
     assert sorted(CRITIC_BASED) == ["infonce", "jsd", "mine", "mine_f", "smile"]  # a new estimator needs a case here
     x, y = correlated_gaussians(8000, 20, 2.0)
-    est = ib.estimate_mi(x, y, estimator=name, steps=800, marginals=1, seed=0)
+    est = ib.estimate_mi(x, y, estimator=name, steps=800, marginals=1, batch_size=128, seed=0)
     assert 2.0 - tolerance < est < 2.15, f"{name}: {est:.3f} vs true 2"
 
 

@@ -26,7 +26,7 @@ def estimate_mi(
     *,
     critic: str | None = None,
     steps: int = 3000,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 2e-3,
     hidden: tuple[int, ...] = (256, 256),
     activation: str = "gelu",
@@ -52,7 +52,13 @@ def estimate_mi(
             with hidden layers `hidden[:-1]` and 32-wide embeddings); default separable for infonce, whose B x B
             scores it computes with one matrix product, and joint otherwise.
         steps: critic updates.
-        batch_size: samples per update.
+        batch_size: samples per update; default 384, and 128 for infonce. The DV gradient's noise, more than the
+            critic's size, holds a trained critic short at a few nats: on d = 20 Gaussians at 4 nats (mine, 3
+            seeds, 20,000 samples) the largest error is 0.37 at batch 128, 0.20 at 256, 0.17 at 384 and 0.19 at
+            512, at 13.5, 16.6, 24.6 and 25.3 s a call on 2 threads (benchmarks/results/estimate_mi_batch.md); 128
+            is the choice for a call twice as fast. InfoNCE contrasts all B^2 pairs of a batch, and its separable
+            critic memorises the training pairs sooner with larger batches: it reads lower held out at 384 than at
+            128 (benchmarks/results/estimate_mi_batch_infonce.md).
         lr: Adam learning rate of the critic.
         hidden: critic widths.
         activation: of the critic's hidden layers: "gelu" (default), "relu", "elu" or "tanh". The optimal critic of
@@ -72,6 +78,7 @@ def estimate_mi(
         samples (`.interval()` gives value +- 1.96 se). The se is the noise of the held-out evaluation alone; the
         spread over seeds (the critic's training) comes on top.
     """
+    batch_size = _batch_size(estimator, batch_size)
     x, y = _check(x, y, estimator, critic, hidden, holdout, steps, batch_size)
     with seeded(seed, x.device):
         g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
@@ -95,7 +102,7 @@ def estimate_mi_population(
     seeds: Sequence[int] = (0, 1, 2),
     critic: str | None = None,
     steps: int = 3000,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float = 2e-3,
     hidden: tuple[int, ...] = (256, 256),
     activation: str = "gelu",
@@ -111,9 +118,9 @@ def estimate_mi_population(
     in that call's order. The results equal the separate calls' to float rounding (the batched products round
     differently from the single ones; tests/test_estimators.py holds them to it); the spread over seeds is what a
     report of an estimate needs beside its standard error. The population saves the per-step fixed cost of each
-    call, not its arithmetic: at the defaults, where a step is mostly arithmetic, three seeds take 0.8-0.9 of three
-    calls (benchmarks/results/estimate_mi_population.md); with smaller steps the saving is larger
-    (benchmarks/results/mine_step.md).
+    call, not its arithmetic: at the defaults, where a step is arithmetic, three seeds take 0.94-1.07 of the three
+    calls' time on one CPU thread, no saving (benchmarks/results/estimate_mi_population.md); with small steps a
+    population of 10 takes 0.46-0.68 of torch-mist's time per member (benchmarks/results/mine_step.md).
 
     Args:
         x: samples [N, dx] shared by every member, or [S, N, dx], one set per member. y: [N, dy] or [S, N, dy].
@@ -124,6 +131,7 @@ def estimate_mi_population(
     Returns:
         One `MIEstimate` per seed, in order.
     """
+    batch_size = _batch_size(estimator, batch_size)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("seeds must name at least one seed")
@@ -154,6 +162,13 @@ def estimate_mi_population(
         results = [pop.load_into(m, est).estimate(xs[m][test], ys[m][test], permutations=permutations, generator=g)
                    for m, (g, _, test, est) in enumerate(members)]
     return results
+
+
+def _batch_size(estimator: str, batch_size: int | None) -> int:
+    """The batch size asked for, or the default for `estimator` (see `estimate_mi`)."""
+    if batch_size is not None:
+        return int(batch_size)
+    return 128 if estimator == "infonce" else 384
 
 
 def _check(x: Tensor, y: Tensor, estimator: str, critic: str | None, hidden: tuple[int, ...], holdout: float,
