@@ -57,6 +57,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from ib.estimators import ESTIMATORS, estimate_mi  # noqa: E402
+from ib.estimators.estimate import default_batch_size  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
 from ib.engine.build import build_optimizer  # noqa: E402
@@ -281,6 +282,7 @@ def fingerprint(library: str) -> str:
     if library == "ib":
         defaults = sorted((k, repr(p.default)) for k, p in inspect.signature(estimate_mi).parameters.items()
                           if p.default is not inspect.Parameter.empty and k not in ("estimator", "steps", "seed"))
+        defaults.append(("batch", repr([default_batch_size(n) for n in OURS])))  # batch_size=None: per estimator
         return "defaults-" + hashlib.sha1(repr(defaults).encode()).hexdigest()[:8]
     from importlib.metadata import version
 
@@ -328,7 +330,8 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
         f"- command: `{command}`",
         f"- machine: {machine()}",
         f"- protocol: per (transform, true MI, seed), {FIXED_N:,} samples (x, y in R^{DIM}); ours: "
-        f"`ib.estimate_mi(x, y, estimator, steps={args.steps}, seed)` with its other defaults (20 % held out); "
+        f"`ib.estimate_mi(x, y, estimator, steps={args.steps}, seed)` with its other defaults (batch "
+        f"{default_batch_size('mine')}, {default_batch_size('infonce')} for infonce; 20 % held out); "
         f"torch-mist: `torch_mist.estimate_mi` on the same 16,000 training samples, tested on the same 4,000, "
         f"`max_iterations={args.steps}`, batch 128, `hidden_dims=[{HIDDEN}, {HIDDEN}]`, its other defaults "
         "(early stopping on 10 % of the training samples).",

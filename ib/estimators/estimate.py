@@ -78,7 +78,7 @@ def estimate_mi(
         samples (`.interval()` gives value +- 1.96 se). The se is the noise of the held-out evaluation alone; the
         spread over seeds (the critic's training) comes on top.
     """
-    batch_size = _batch_size(estimator, batch_size)
+    batch_size = default_batch_size(estimator, batch_size)
     x, y = _check(x, y, estimator, critic, hidden, holdout, steps, batch_size)
     with seeded(seed, x.device):
         g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
@@ -131,7 +131,7 @@ def estimate_mi_population(
     Returns:
         One `MIEstimate` per seed, in order.
     """
-    batch_size = _batch_size(estimator, batch_size)
+    batch_size = default_batch_size(estimator, batch_size)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("seeds must name at least one seed")
@@ -164,8 +164,8 @@ def estimate_mi_population(
     return results
 
 
-def _batch_size(estimator: str, batch_size: int | None) -> int:
-    """The batch size asked for, or the default for `estimator` (see `estimate_mi`)."""
+def default_batch_size(estimator: str, batch_size: int | None = None) -> int:
+    """The batch size asked for, or `estimate_mi`'s default for `estimator`: 384, and 128 for infonce."""
     if batch_size is not None:
         return int(batch_size)
     return 128 if estimator == "infonce" else 384
