@@ -136,7 +136,8 @@ def figure_epochs(epochs: int, figures: int) -> Set[int]:
 
 class TensorBoardLogger:
     """Scalars under their hierarchical tags with the epoch (1-based) as step, a custom-scalars layout that draws
-    the I(X;Z) estimate with the pairwise band, and the information-plane trajectory as a figure each epoch.
+    the I(X;Z) estimate with the pairwise band, and the information-plane trajectory as a figure at the epochs
+    `figure_epochs` names.
 
     Args:
         run_dir: the run folder (TensorBoard's log dir).

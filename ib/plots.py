@@ -75,7 +75,7 @@ def plane_figure(points: Sequence[Mapping[str, float]], units: str = "nats", tit
     if estimates or any(b for _, b in bands):
         ceiling = [p["I_XZ_ceiling"] for p in pts if _finite(p.get("I_XZ_ceiling"))]
         drawn = [(p, b) for p, b in bands if b]
-        if drawn:  # one artist for all the epochs' segments and one for their ends: drawn every epoch, kept cheap
+        if drawn:  # one artist for all the epochs' segments and one for their ends: drawn while training, kept cheap
             segments = [[(b[0], p["I_ZY"]), (b[1], p["I_ZY"])] for p, b in drawn]
             ax.add_collection(LineCollection(segments, colors="0.45", linewidths=2.5, alpha=0.6, zorder=1,
                                              label="pairwise band (Bhattacharyya to KL)"))
