@@ -276,13 +276,13 @@ def fixed_peer(name: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: in
     return {"value": float(value), "se": math.nan, "seconds": time.perf_counter() - t0}
 
 
-def fingerprint(library: str) -> str:
-    """What a cached cell depends on beyond its key: `ib.estimate_mi`'s defaults (hashed), or torch-mist's version.
-    A change of either makes new cells instead of reusing stale ones."""
+def fingerprint(library: str, name: str = "mine") -> str:
+    """What a cached cell depends on beyond its key: `ib.estimate_mi`'s defaults for estimator `name` (hashed), or
+    torch-mist's version. A change of either makes new cells instead of reusing stale ones."""
     if library == "ib":
         defaults = sorted((k, repr(p.default)) for k, p in inspect.signature(estimate_mi).parameters.items()
                           if p.default is not inspect.Parameter.empty and k not in ("estimator", "steps", "seed"))
-        defaults.append(("batch", repr([default_batch_size(n) for n in OURS])))  # batch_size=None: per estimator
+        defaults.append(("batch", repr(default_batch_size(name))))  # batch_size=None: per estimator
         return "defaults-" + hashlib.sha1(repr(defaults).encode()).hexdigest()[:8]
     from importlib.metadata import version
 
@@ -290,7 +290,7 @@ def fingerprint(library: str) -> str:
 
 
 def cell_key(variant: str, level: float, seed: int, library: str, name: str, steps: int) -> str:
-    return f"{variant}|{level:g}|{seed}|{library}|{name}|{steps}|{fingerprint(library)}|n={FIXED_N}"
+    return f"{variant}|{level:g}|{seed}|{library}|{name}|{steps}|{fingerprint(library, name)}|n={FIXED_N}"
 
 
 def fixed_protocol(args: argparse.Namespace, peers: Sequence[str], log: Callable[[str], None]) -> Dict[str, Dict]:
@@ -331,7 +331,7 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
         f"- machine: {machine()}",
         f"- protocol: per (transform, true MI, seed), {FIXED_N:,} samples (x, y in R^{DIM}); ours: "
         f"`ib.estimate_mi(x, y, estimator, steps={args.steps}, seed)` with its other defaults (batch "
-        f"{default_batch_size('mine')}, {default_batch_size('infonce')} for infonce; 20 % held out); "
+        f"{default_batch_size('mine')} for mine, {default_batch_size('jsd')} for the others; 20 % held out); "
         f"torch-mist: `torch_mist.estimate_mi` on the same 16,000 training samples, tested on the same 4,000, "
         f"`max_iterations={args.steps}`, batch 128, `hidden_dims=[{HIDDEN}, {HIDDEN}]`, its other defaults "
         "(early stopping on 10 % of the training samples).",

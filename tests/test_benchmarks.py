@@ -53,8 +53,9 @@ def test_mi_gaussian_fixed_protocol_resumes_from_its_cache(tmp_path, monkeypatch
             "--estimators", "mine", "smile", "--peers", "--out", str(out)]
     assert bench.main(argv) == 0
     cache = json.loads(out.with_suffix(".json").read_text())
-    tag = bench.fingerprint("ib")
-    assert sorted(cache) == [f"gaussian|2|0|ib|mine|5|{tag}|n=20000", f"gaussian|2|0|ib|smile|5|{tag}|n=20000"]
+    mine, smile = bench.fingerprint("ib", "mine"), bench.fingerprint("ib", "smile")
+    assert mine != smile  # their default batches differ, and a cell depends on its estimator's
+    assert sorted(cache) == [f"gaussian|2|0|ib|mine|5|{mine}|n=20000", f"gaussian|2|0|ib|smile|5|{smile}|n=20000"]
     assert all(math.isfinite(r["value"]) and r["se"] > 0 for r in cache.values())
     first = out.read_text()
     assert "| ib mine | " in first and "(n=1)" in first and "| 2 | " in first

@@ -52,13 +52,14 @@ def estimate_mi(
             with hidden layers `hidden[:-1]` and 32-wide embeddings); default separable for infonce, whose B x B
             scores it computes with one matrix product, and joint otherwise.
         steps: critic updates.
-        batch_size: samples per update; default 384, and 128 for infonce. The DV gradient's noise, more than the
-            critic's size, holds a trained critic short at a few nats: on d = 20 Gaussians at 4 nats (mine, 3
-            seeds, 20,000 samples) the largest error is 0.37 at batch 128, 0.20 at 256, 0.17 at 384 and 0.19 at
-            512, at 13.5, 16.6, 24.6 and 25.3 s a call on 2 threads (benchmarks/results/estimate_mi_batch.md); 128
-            is the choice for a call twice as fast. InfoNCE contrasts all B^2 pairs of a batch, and its separable
-            critic memorises the training pairs sooner with larger batches: it reads lower held out at 384 than at
-            128 (benchmarks/results/estimate_mi_batch_infonce.md).
+        batch_size: samples per update; default 384 for mine, 128 for the others. MINE's gradient noise, more
+            than its critic's size, holds it short at a few nats: on d = 20 Gaussians at 4 nats (3 seeds, 20,000
+            samples) its largest error is 0.37 at batch 128, 0.20 at 256, 0.17 at 384 and 0.19 at 512, at 13.5,
+            16.6, 24.6 and 25.3 s a call on 2 threads (benchmarks/results/estimate_mi_batch.md); 128 is the
+            choice for a call twice as fast. The others read lower with larger batches: jsd and smile, whose
+            critics train on the Jensen-Shannon objective, at 2-6 nats, and jsd collapses on the cubic transform
+            (benchmarks/results/mi_gaussian_fixed_b384.md); infonce's separable critic memorises the training
+            pairs sooner (benchmarks/results/estimate_mi_batch_infonce.md).
         lr: Adam learning rate of the critic.
         hidden: critic widths.
         activation: of the critic's hidden layers: "gelu" (default), "relu", "elu" or "tanh". The optimal critic of
@@ -165,10 +166,10 @@ def estimate_mi_population(
 
 
 def default_batch_size(estimator: str, batch_size: int | None = None) -> int:
-    """The batch size asked for, or `estimate_mi`'s default for `estimator`: 384, and 128 for infonce."""
+    """The batch size asked for, or `estimate_mi`'s default for `estimator`: 384 for mine, 128 for the others."""
     if batch_size is not None:
         return int(batch_size)
-    return 128 if estimator == "infonce" else 384
+    return 384 if estimator == "mine" else 128
 
 
 def _check(x: Tensor, y: Tensor, estimator: str, critic: str | None, hidden: tuple[int, ...], holdout: float,
