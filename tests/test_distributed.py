@@ -292,7 +292,7 @@ def test_ctrl_c_on_torchrun_saves_a_checkpoint_that_one_process_resumes(tmp_path
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted", err[-3000:]
+    assert metrics["status"] == "interrupted", err[-12000:]  # every rank's last words
     assert "interrupted: last.pt saved" in err
     assert 2 <= metrics["epochs"] < 200
     epochs = metrics["epochs"] + 2  # the interrupted epoch and one more

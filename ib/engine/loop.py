@@ -413,12 +413,22 @@ class StopFlag:
         return self.signal is not None
 
     def install(self) -> Dict[int, Any]:
-        """Handle SIGINT and SIGTERM; returns the previous handlers, for the caller to put back."""
+        """Handle SIGINT and SIGTERM; returns the previous handlers, for the caller to put back.
+
+        A second signal stops at once, except under torchrun: there a worker can receive one Ctrl-C twice, from
+        the terminal (its process group) and forwarded by torchrun's agent, and stopping at once would leave the
+        other workers waiting in a collective and no last.pt. The agent kills workers that do not exit by
+        themselves (after 30 s)."""
+        hard_stop = not distributed.launched_by_torchrun()
+
         def handler(signum: int, frame: Any) -> None:
-            if self.signal is not None:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
+            if self.signal is not None:
+                if hard_stop:  # a second Ctrl-C stops at once
+                    raise KeyboardInterrupt
+                return
             self.signal = signum
-            log.warning("stopping after this step and saving last.pt (press Ctrl-C again to stop at once)")
+            log.warning("stopping after this step and saving last.pt%s",
+                        " (press Ctrl-C again to stop at once)" if hard_stop else "")
 
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 

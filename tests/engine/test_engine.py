@@ -593,3 +593,31 @@ def test_train_step_with_adaptive_clipping_bounds_the_encoders_update():
         moved[clip] = float(torch.sqrt(sum((p.detach() - b).square().sum() for p, b in zip(model.parameters(),
                                                                                              before))))
     assert moved[True] <= 2 * g_u * (1 + 1e-5) and moved[False] > 100 * g_u, (moved, g_u)
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_second_signal_stops_at_once_except_under_torchrun(monkeypatch, torchrun):
+    """Under torchrun one Ctrl-C can reach a worker twice (from the terminal and forwarded by the agent); that must
+    not abort the worker mid-collective. Alone, a second Ctrl-C stops at once."""
+    import signal
+
+    from ib import distributed
+    from ib.engine.loop import StopFlag
+
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: torchrun)
+    stop = StopFlag()
+    previous = stop.install()
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)
+        assert stop and stop.signal == signal.SIGINT
+        if torchrun:
+            handler(signal.SIGINT, None)  # ignored: still stopping after this step
+            handler(signal.SIGTERM, None)
+            assert stop.signal == signal.SIGINT
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                handler(signal.SIGINT, None)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
