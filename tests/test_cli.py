@@ -251,6 +251,27 @@ def test_overwrite_refuses_a_project_folder_that_holds_a_recipe_yaml(tmp_path, c
     assert sorted(p.name for p in folder.iterdir()) == ["data", "recipe.yaml"]
 
 
+def test_a_run_killed_while_writing_its_recipe_leaves_a_folder_overwrite_replaces(tmp_path, monkeypatch):
+    """The event file comes before recipe.yaml, so no kill leaves a lone recipe.yaml (which --overwrite must refuse:
+    it may be the user's own). Simulated: the recipe's write fails right after the loggers are made."""
+    import ib.engine.run_dir as run_dir
+    from ib.engine.build import build_run
+    from ib.recipe import load_recipe
+
+    run = build_run(load_recipe(DIGITS, ["model.encoder.hidden=[16]", "mi.critic.hidden=[16]"]))
+    folder = tmp_path / "run"
+    folder.mkdir()
+
+    def killed(path, write):
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(run_dir, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.RunFolder(folder, run)
+    assert any(p.name.startswith("events.out.tfevents") for p in folder.iterdir())
+    run_dir.check_run_dir(folder, overwrite=True)  # no ConfigError: a run's folder, nothing of the user's
+
+
 def test_overwrite_replaces_a_run_killed_before_its_first_epoch(tmp_path, capsys):
     """A run killed before its first checkpoint leaves its recipe and a TensorBoard event file (a sweep resumed
     after a kill meets such a folder); nothing else is there, so it is a run folder to replace."""

@@ -163,15 +163,18 @@ class RunFolder:
     def __init__(self, run_dir: Path, run: Run) -> None:
         self.path = run_dir
         recipe = run.recipe
-        text = dump_recipe(recipe)
-        atomic_write(run_dir / "recipe.yaml", lambda f: f.write(text.encode()))
         labels = estimator_labels(run.estimator)
+        # The TensorBoard event file first: it marks the folder as a run's (`_killed_before_first_epoch`), so that a
+        # process killed before its first checkpoint never leaves a lone recipe.yaml, which --overwrite and a
+        # resumed sweep must refuse to delete (it may be the user's own).
         self.loggers: List[EpochLogger] = [
             CSVHistory(run_dir / "history.csv", run.progress.epoch),
             TensorBoardLogger(run_dir, run.progress.epoch, units=recipe.monitor.units,
                               plane_figure=recipe.monitor.plane_figure, xz_name=labels["label"],
                               figure_epochs=figure_epochs(recipe.epochs, recipe.monitor.plane_figures)),
         ]
+        text = dump_recipe(recipe)
+        atomic_write(run_dir / "recipe.yaml", lambda f: f.write(text.encode()))
         self.alignment = AlignmentLog(run_dir, run.progress.step) if run.alignment is not None else None
         if self.alignment is not None and self.alignment.rows and run.progress.step:  # resumed: the latest so far
             latest = self.alignment.rows[-1]
