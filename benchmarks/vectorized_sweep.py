@@ -4,8 +4,8 @@ arithmetic rate against this machine's matmul rate, and whether the two sweeps' 
 
 Parts (each a pair of `ib sweep` commands run as child processes, sequential first, then vectorised):
 - digits: `recipes/digits.yaml` (MINE-IB, 40 epochs), betas 0, 1e-3, 1e-2, 0.1, 1 x seeds 0, 1 (10 runs);
-- digits_no_figures: the same without the TensorBoard plane figures (`monitor.plane_figure=false`; ten a run, at
-  about 0.1 s each), the same work in both sweeps;
+- digits_no_figures: the same without the TensorBoard plane figures (`monitor.plane_figure=false`; ten a
+  run), the same work in both sweeps;
 - fashion_mnist: `recipes/fashion_mnist.yaml` (the PI-MLP, MINE-IB), betas as above x seeds 0, 1, 2 (15 runs),
   1 epoch, the alignment monitor off (it is per run);
 - step: one population step of each part against its members' separate `train_step`s, timed in-process, with its

@@ -114,7 +114,7 @@ class MonitorConfig:
     plane_figure: bool = setting(True, "draw the information-plane trajectory into TensorBoard")
     plane_figures: int = setting(10, "how many times a run draws it, at evenly spaced epochs, the last included "
                                  "(every epoch when there are no more epochs; TensorBoard keeps 10 images a tag by "
-                                 "default, and each costs about 0.1 s)", ge=1, le=1_000_000)
+                                 "default, and each costs about 0.14 s)", ge=1, le=1_000_000)
     test_every: int = setting(0, "evaluate the test split every N epochs too (0: only in a run's last epoch and "
                                 "at a --stop-after epoch); the validation split, which chooses best.pt, is "
                                 "evaluated every epoch", ge=0, le=1_000_000)
