@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.estimators import estimate_mi  # noqa: E402
 from mi_gaussian import sample  # noqa: E402
-from train_speed import cpu_name  # noqa: E402
+from train_speed import cpu_name, write_report  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "estimate_mi_defaults.md"
 VARIANTS = {
@@ -49,6 +49,13 @@ VARIANTS = {
     "infonce (its default batch, 128)": {"estimator": "infonce"},
     "infonce, batch 384": {"estimator": "infonce", "batch_size": 384},
 }
+
+
+def defaults_line() -> str:
+    """The report's line naming `estimate_mi`'s defaults, so that each report says what it ran with."""
+    return "- estimate_mi's defaults: " + ", ".join(f"{k}={v.default!r}" for k, v in
+                                                 inspect.signature(estimate_mi).parameters.items()
+                                                 if v.default is not inspect.Parameter.empty and k != "seed")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
         f"{args.threads}, torch {torch.__version__}; load average at the start "
         f"{os.getloadavg()[0]:.1f} (other jobs slow the times, not the values)",
-        "- estimate_mi's defaults: " + ", ".join(f"{k}={v.default!r}" for k, v in
-                                                   inspect.signature(estimate_mi).parameters.items()
-                                                   if v.default is not inspect.Parameter.empty and k != "seed"),
+        defaults_line(),
         f"- protocol: `estimate_mi(x, y, seed=s, **change)` on 20,000 samples drawn with seed s, "
         f"s = 0..{args.seeds - 1}; cells: estimate - truth ± jackknife se (nats) per seed; the largest |error|; "
         "the mean wall time of a call.",
@@ -100,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                                f"{'met' if worst < 0.2 else 'not met'} (largest {worst:.3f}); every call under 15 s: "
                                f"{'met' if max(seconds) < 15 else 'not met'} (longest {max(seconds):.1f} s)")
     lines += ["", *verdict]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    sys.stdout.write(args.out.read_text())
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

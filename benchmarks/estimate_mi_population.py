@@ -12,7 +12,6 @@ population, at each level.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shlex
 import sys
@@ -26,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.estimators import estimate_mi, estimate_mi_population  # noqa: E402
+from estimate_mi_defaults import defaults_line  # noqa: E402
 from mi_gaussian import sample  # noqa: E402
-from train_speed import cpu_name  # noqa: E402
+from train_speed import cpu_name, write_report  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "estimate_mi_population.md"
 
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- command: `python {shlex.join(['benchmarks/estimate_mi_population.py', *(argv or sys.argv[1:])])}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, torch {torch.__version__}; "
         f"load average at the start {os.getloadavg()[0]:.1f}",
-        "- estimate_mi's defaults: " + ", ".join(f"{k}={v.default!r}" for k, v in
-                                                   inspect.signature(estimate_mi).parameters.items()
-                                                   if v.default is not inspect.Parameter.empty and k != "seed"),
+        defaults_line(),
         f"- protocol: estimate_mi's defaults; seed s's data drawn with seed s, s = 0..{args.seeds - 1}; the separate "
         "calls one after another, then one population call on the stacked sets.",
         "",
@@ -72,9 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{' / '.join(f'{float(v):.4f}' for v in together)} | {diff:.1e} | {t1 - t0:.1f} | "
                      f"{t2 - t1:.1f} | {(t2 - t1) / (t1 - t0):.2f} |")
         print(lines[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    sys.stdout.write(args.out.read_text())
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

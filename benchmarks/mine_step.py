@@ -43,7 +43,7 @@ from ib.engine.build import build_optimizer  # noqa: E402
 from ib.estimators import ESTIMATORS, CriticPopulation  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
-from train_speed import cpu_name  # noqa: E402
+from train_speed import cpu_name, write_report  # noqa: E402
 
 DIM, HIDDEN, LR = 20, 256, 1e-3
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mine_step.md"
@@ -168,9 +168,7 @@ def main(argv: List[str] | None = None) -> None:
                      f"{med['population']:.3f} | {med['ib mine'] / peer_ms:.2f} | {med['plain floor'] / peer_ms:.2f} | "
                      f"{med['ib mine'] / med['plain floor']:.2f} | {med['population'] / peer_ms:.2f} |")
         print(lines[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    sys.stdout.write(args.out.read_text())
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

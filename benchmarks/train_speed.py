@@ -61,6 +61,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def write_report(out: Path, lines: List[str]) -> None:
+    """Write a benchmark's markdown report to `out` (its folder made) and echo it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    sys.stdout.write(out.read_text())
+
+
 def gpu_name(device: torch.device) -> str:
     return f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
 
