@@ -40,10 +40,6 @@ class CriticPopulation:
         self.member = torch.arange(len(estimators))
         self.optimizer = make_optimizer(list(self.stacked.leaves.values()))
 
-    @property
-    def size(self) -> int:
-        return len(self.states)
-
     def _loss(self, params, buffers, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
         with noise.population_noise(self.states, m):
             return self.stacked.call(params, buffers, "loss", x, y)
