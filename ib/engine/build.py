@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ib import __version__, distributed
@@ -25,7 +25,8 @@ from ib.estimators import ESTIMATORS, MIEstimator
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.objectives import TrainForward
-from ib.recipe import OptimConfig, Recipe, recipe_from_dict, recipe_to_dict
+from ib.optim import build_optimizer, load_optimizer
+from ib.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from ib.schedules import BetaSchedule, LRSchedule, create_beta_schedule, create_lr_schedule
 
 CHECKPOINT_FORMAT = 1
@@ -63,53 +64,6 @@ def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MI
     critic = CRITICS.create(recipe.mi.critic.name, data.in_shape, z_dim, **recipe.mi.critic.options)
     estimator = ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)
     return estimator.to(memory_format=_memory_format(recipe))
-
-
-def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    params = list(params)  # a generator would be used up by the fused check
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    opt_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if _fused_adam_ok(params):
-        # One kernel for the whole update instead of a dozen foreach ops. Same update rule; the state_dict is
-        # interchangeable.
-        try:
-            return opt_cls(params, fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # an older torch without fused CPU kernels
-            pass
-    return opt_cls(params, **kwargs)
-
-
-def _fused_adam_ok(params: Sequence[Any]) -> bool:
-    """Whether fused Adam(W) applies: floating-point parameters (or param groups of them), all on one CPU or CUDA
-    device."""
-    params = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
-    devices = {p.device for p in params}
-    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
-            and all(p.is_floating_point() for p in params))
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    """`optimizer.load_state_dict`, keeping the implementation it was built with (fused or not): the saved groups
-    carry the flags of the run that saved them, e.g. no `fused` from checkpoints written before it was used.
-
-    Each per-parameter state tensor (Adam's moments) takes its parameter's memory layout: a checkpoint saved with
-    NCHW conv weights resumes into channels-last ones, and the fused kernels pair elements by position, not index.
-    """
-    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, kept in zip(optimizer.param_groups, flags):
-        group.update(kept)
-        for p in group["params"]:
-            st = optimizer.state.get(p, {})
-            for k, v in st.items():
-                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-            if kept["fused"] and isinstance(st.get("step"), Tensor):
-                # fused kernels want each step counter as a float tensor on the parameter's device
-                st["step"] = st["step"].to(p.device, torch.float32)
 
 
 def build_replicas(model: IBClassifier, estimator: Optional[MIEstimator], device: torch.device) -> Replicas:
