@@ -25,6 +25,7 @@ from ib.estimators import (
     js_objective,
     log_mean_exp,
 )
+from ib.estimators import base
 from ib.estimators.base import marginal_shift
 from ib.models.critics import CRITICS
 
@@ -143,20 +144,30 @@ def test_jackknife_se_of_a_mean_is_the_spread_of_its_group_means():
 class _IndexCritic(torch.nn.Module):
     """Scores that name their pair: T(x_i, z_j) = sin(i) + 0.3 cos(3 j), with x and z holding the row indices."""
 
+    def __init__(self):
+        super().__init__()
+        self.passes = []  # samples per pair_scores call
+
     def _t(self, x, z):
         return torch.sin(x[:, 0]) + 0.3 * torch.cos(3 * z[:, 0])
 
     def pair_scores(self, x, z, zm):
+        self.passes.append(len(x))
         return self._t(x, z), self._t(x.repeat(len(zm) // len(x), 1), zm)
 
 
-def test_estimate_groups_each_marginal_pair_with_its_x_row():
+@pytest.mark.parametrize("batch_size, report_pairs", [(16, base.REPORT_PAIRS), (1024, 28)])
+def test_estimate_groups_each_marginal_pair_with_its_x_row(batch_size, report_pairs, monkeypatch):
     # The jackknife drops a sample with its joint pair and its P marginal pairs (x_i, z_(i - s) mod n); over
-    # uneven batches (16, 16, 16, 2) a misplaced marginal score changes the leave-one-group-out values.
+    # uneven batches (16, 16, 16, 2), or (7, ..., 7, 1) where the pairs per pass are capped at 28 = 7 * (P + 1), a
+    # misplaced marginal score changes the leave-one-group-out values.
+    monkeypatch.setattr(base, "REPORT_PAIRS", report_pairs)
     n, p = 50, 3
     rows = torch.arange(n, dtype=torch.float64)
-    e = MINE(_IndexCritic()).estimate(rows[:, None], rows[:, None], batch_size=16, permutations=p,
-                                      generator=torch.Generator().manual_seed(4))
+    critic = _IndexCritic()
+    e = MINE(critic).estimate(rows[:, None], rows[:, None], batch_size=batch_size, permutations=p,
+                              generator=torch.Generator().manual_seed(4))
+    assert critic.passes == ([16, 16, 16, 2] if batch_size == 16 else [7] * 7 + [1])
     g = torch.Generator().manual_seed(4)
     shifts = [marginal_shift(n, g) for _ in range(p)]
     tj = torch.sin(rows) + 0.3 * torch.cos(3 * rows)  # [n]
