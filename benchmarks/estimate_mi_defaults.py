@@ -6,7 +6,9 @@ The promise under test (issue: estimators at high MI): on d = 20 correlated Gaus
 draws as `correlated_gaussians(20_000, 20, mi, seed=s)` in tests/test_estimators.py.
 
 Rows: the defaults, then one change at a time (the earlier defaults: a ReLU critic, 20 held-out pairings, batch
-128), so that each default's share of the error is measured alone, then ways of spending more time on the critic.
+128), so that each default's share of the error is measured alone, then ways of spending more time on the critic,
+and ways of spending less (fewer pairings, a narrower critic, fewer steps), to find what the time a call may take
+buys best.
 The report lists the defaults it ran with; results/estimate_mi_defaults.md ran with batch 128 and
 results/estimate_mi_batch.md compares batch sizes. Columns:
 the error of each seed's estimate (estimate - truth, with its jackknife se), the largest |error|, and the wall time
@@ -48,6 +50,13 @@ VARIANTS = {
     "batch 512": {"batch_size": 512},
     "infonce (its default batch, 128)": {"estimator": "infonce"},
     "infonce, batch 384": {"estimator": "infonce", "batch_size": 384},
+    "less compute: 2 marginal pairings": {"marginals": 2},
+    "less compute: batch 512, 2 marginal pairings": {"batch_size": 512, "marginals": 2},
+    "less compute: critic 192-192": {"hidden": (192, 192)},
+    "less compute: critic 128-128": {"hidden": (128, 128)},
+    "critic 128-128, batch 512": {"hidden": (128, 128), "batch_size": 512},
+    "critic 128-128, batch 768": {"hidden": (128, 128), "batch_size": 768},
+    "less compute: 2,000 steps": {"steps": 2000},
 }
 
 

@@ -17,7 +17,14 @@ of B pairs with one marginal pairing per sample, with Adam at lr 1e-3:
 The contenders take turns on chunks of steps, so load from other processes falls on all alike. The floor bounds
 the ratio any implementation can reach against torch-mist: ours / torch-mist >= floor / torch-mist.
 
+Denormal floats: the DV bound cannot see a constant shift of the scores, so they drift, and marginal pairs that a
+critic scores far below the rest get softmax weights in the backward pass that underflow to denormals, whose
+arithmetic is many times slower on x86 CPUs. `--flush-denormal` runs the same steps with denormals flushed to zero
+for every contender (TensorFlow does so in its op threads by default); the library leaves the process's
+floating-point mode alone.
+
     python benchmarks/mine_step.py                    # ~1 min
+    python benchmarks/mine_step.py --flush-denormal --out benchmarks/results/mine_step_ftz.md
 """
 from __future__ import annotations
 
@@ -43,10 +50,12 @@ from ib.engine.build import build_optimizer  # noqa: E402
 from ib.estimators import ESTIMATORS, CriticPopulation  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
+from mi_gaussian import sample  # noqa: E402
 from train_speed import cpu_name, write_report  # noqa: E402
 
 DIM, HIDDEN, LR = 20, 256, 1e-3
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mine_step.md"
+POOL = 200_000  # samples the batches are drawn from
 
 
 def _mine() -> torch.nn.Module:
@@ -108,28 +117,35 @@ def floor() -> Callable[[torch.Tensor, torch.Tensor], None]:
     return step
 
 
-def measure(batch: int, steps: int, chunk: int, size: int) -> Dict[str, List[float]]:
-    """Median-ready ms per step of each contender (per member for the population), over lockstep chunks."""
+def measure(batch: int, steps: int, chunk: int, size: int, mi: float = 2.0) -> Dict[str, List[float]]:
+    """Median-ready ms per step of each contender (per member for the population), over lockstep chunks.
+
+    Every chunk draws fresh batches from a pool of correlated Gaussians (I(X;Y) = `mi` nats), the same batches for
+    every contender, as training does (an earlier version cycled 50 fixed batches, which a critic can memorise).
+    """
     contenders = {"ib mine": ours(), "plain floor": floor()}
     if importlib.util.find_spec("torch_mist") is not None:
         contenders["torch-mist mine"] = peer()
     contenders["population"] = population(size)
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(batch, DIM, generator=g), torch.randn(batch, DIM, generator=g)) for _ in range(chunk)]
-    stacked = [(torch.randn(size, batch, DIM, generator=g), torch.randn(size, batch, DIM, generator=g))
-               for _ in range(chunk // size or 1)]  # as many member steps as one chunk of the others
-    for name, fn in contenders.items():  # warm-up
-        for x, y in (stacked if name == "population" else data):
-            fn(x, y)
+    pool_x, pool_y = sample(POOL, mi, cubic=False, g=g)
+
+    def draw(shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, POOL, shape, generator=g)
+        return pool_x[idx], pool_y[idx]
+
     times: Dict[str, List[float]] = {name: [] for name in contenders}
-    for _ in range(steps // chunk):
+    for rep in range(steps // chunk + 1):  # the first chunk warms up
+        data = [draw((batch,)) for _ in range(chunk)]
+        stacked = [draw((size, batch)) for _ in range(chunk // size or 1)]  # as many member steps as one chunk
         for name, fn in contenders.items():
             batches = stacked if name == "population" else data
             t0 = time.perf_counter()
             for x, y in batches:
                 fn(x, y)
             member_steps = len(batches) * (size if name == "population" else 1)
-            times[name].append((time.perf_counter() - t0) / member_steps * 1000)  # ms per (member) step
+            if rep:
+                times[name].append((time.perf_counter() - t0) / member_steps * 1000)  # ms per (member) step
     return times
 
 
@@ -140,9 +156,13 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--population", type=int, default=10, help="members of the population contender")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="flush denormal floats to zero (torch.set_flush_denormal) for every contender")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        parser.error("this CPU cannot flush denormals")
     lines = [
         "# MINE's training step: ours, torch-mist's and the plain-PyTorch floor",
         "",
@@ -150,9 +170,11 @@ def main(argv: List[str] | None = None) -> None:
         "",
         f"- command: `python {shlex.join(['benchmarks/mine_step.py', *(argv or sys.argv[1:])])}`",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch threads "
-        f"{args.threads}, torch {torch.__version__}; load average at the start {os.getloadavg()[0]:.1f}",
+        f"{args.threads}, torch {torch.__version__}; load average at the start {os.getloadavg()[0]:.1f}; denormal "
+        f"floats {'flushed to zero' if args.flush_denormal else 'kept (the default)'}",
         f"- protocol: critic 40-{HIDDEN}-{HIDDEN}-1 (ReLU), one marginal pairing, Adam lr {LR:g}; {args.steps} steps "
-        f"each, in lockstep chunks of {args.chunk} after a chunk of warm-up; cells: median ms per step over "
+        f"each, in lockstep chunks of {args.chunk} after a chunk of warm-up, every chunk fresh batches of 20-d "
+        f"Gaussians at 2 nats (never repeated; see `measure`); cells: median ms per step over "
         f"the chunks (and the ratio of medians). The population of {args.population} critics (each its own batch of "
         "B) steps as many member steps per chunk as the others; its cell is ms per member step.",
         "",

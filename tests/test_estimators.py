@@ -405,7 +405,8 @@ def test_exp_capped_is_exp_below_the_cap_and_its_tangent_above():
     # At the cap itself: e^cap, with the gradient e^cap (not clamp's 0 at its boundary); a continuous slope across it.
     at = torch.tensor([29.999, 30.0, 30.001], dtype=torch.float64, requires_grad=True)
     exp_capped(at).sum().backward()
-    torch.testing.assert_close(at.grad / math.exp(30.0), torch.tensor([math.exp(-0.001), 1.0, 1.0], dtype=torch.float64))
+    expected = torch.tensor([math.exp(-0.001), 1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(at.grad / math.exp(30.0), expected)
     torch.testing.assert_close(exp_capped(torch.tensor(30.0)), torch.tensor(math.exp(30.0)))
 
 
