@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from ib.estimators import ESTIMATORS, estimate_mi  # noqa: E402
-from ib.estimators.estimate import default_batch_size  # noqa: E402
+from ib.estimators.estimate import default_batch_size, default_hidden  # noqa: E402
 from ib.models.critics import CRITICS  # noqa: E402
 from ib.recipe import OptimConfig  # noqa: E402
 from ib.engine.build import build_optimizer  # noqa: E402
@@ -280,9 +280,12 @@ def fingerprint(library: str, name: str = "mine") -> str:
     """What a cached cell depends on beyond its key: `ib.estimate_mi`'s defaults for estimator `name` (hashed), or
     torch-mist's version. A change of either makes new cells instead of reusing stale ones."""
     if library == "ib":
-        defaults = sorted((k, repr(p.default)) for k, p in inspect.signature(estimate_mi).parameters.items()
+        # hidden=None and batch_size=None mean per-estimator defaults: hidden enters resolved, the batch as an extra
+        # entry (the form of the cells cached before hidden was per estimator, so that theirs stay valid)
+        defaults = sorted((k, repr(default_hidden(name) if k == "hidden" else p.default))
+                          for k, p in inspect.signature(estimate_mi).parameters.items()
                           if p.default is not inspect.Parameter.empty and k not in ("estimator", "steps", "seed"))
-        defaults.append(("batch", repr(default_batch_size(name))))  # batch_size=None: per estimator
+        defaults.append(("batch", repr(default_batch_size(name))))
         return "defaults-" + hashlib.sha1(repr(defaults).encode()).hexdigest()[:8]
     from importlib.metadata import version
 
@@ -319,6 +322,10 @@ def _best_cell(best: Optional[tuple[float, str]]) -> str:
     return "-" if best is None else f"{best[0]:.2f} ({best[1]})"
 
 
+def _widths(hidden: Sequence[int]) -> str:
+    return "-".join(str(h) for h in hidden)
+
+
 def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str, Dict], command: str) -> str:
     labels = [("ib", n) for n in args.estimators] + [("torch-mist", n) for n in peers]
     lines = [
@@ -331,7 +338,8 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
         f"- machine: {machine()}",
         f"- protocol: per (transform, true MI, seed), {FIXED_N:,} samples (x, y in R^{DIM}); ours: "
         f"`ib.estimate_mi(x, y, estimator, steps={args.steps}, seed)` with its other defaults (batch "
-        f"{default_batch_size('mine')} for mine, {default_batch_size('jsd')} for the others; 20 % held out); "
+        f"{default_batch_size('mine')} and critic {_widths(default_hidden('mine'))} for mine, "
+        f"{default_batch_size('jsd')} and {_widths(default_hidden('jsd'))} for the others; 20 % held out); "
         f"torch-mist: `torch_mist.estimate_mi` on the same 16,000 training samples, tested on the same 4,000, "
         f"`max_iterations={args.steps}`, batch 128, `hidden_dims=[{HIDDEN}, {HIDDEN}]`, its other defaults "
         "(early stopping on 10 % of the training samples).",

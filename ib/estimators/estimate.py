@@ -19,6 +19,9 @@ from ib.recipe import OptimConfig
 # d = 20, an InfoNCE critic with 256-wide embeddings read 2.6 nats on its training pairs and 0.8 held out; 32 (the
 # width of Poole et al.'s separable critics) read 1.75 held out, 16 only 1.33 (too narrow for the 20-d x.y term).
 SEPARABLE_EMBED = 32
+# (batch size, critic widths) where a call leaves them to estimate_mi; its `batch_size` argument says why they differ.
+PER_ESTIMATOR = {"mine": (768, (128, 128))}
+OTHERS = (128, (256, 256))
 
 
 def estimate_mi(
@@ -30,7 +33,7 @@ def estimate_mi(
     steps: int = 3000,
     batch_size: int | None = None,
     lr: float = 2e-3,
-    hidden: tuple[int, ...] = (256, 256),
+    hidden: tuple[int, ...] | None = None,
     activation: str = "gelu",
     marginals: int = 4,
     holdout: float = 0.2,
@@ -54,16 +57,20 @@ def estimate_mi(
             with hidden layers `hidden[:-1]` and 32-wide embeddings); default separable for infonce, whose B x B
             scores it computes with one matrix product, and joint otherwise.
         steps: critic updates.
-        batch_size: samples per update; default 384 for mine, 128 for the others. MINE's gradient noise, more
-            than its critic's size, holds it short at a few nats: on d = 20 Gaussians at 4 nats (3 seeds, 20,000
-            samples) its largest error is 0.37 at batch 128, 0.20 at 256, 0.17 at 384 and 0.19 at 512, at 13.5,
-            16.6, 24.6 and 25.3 s a call on 2 threads (benchmarks/results/estimate_mi_batch.md); 128 is the
-            choice for a call twice as fast. The others read lower with larger batches: jsd and smile, whose
-            critics train on the Jensen-Shannon objective, at 2-6 nats, and jsd collapses on the cubic transform
-            (benchmarks/results/mi_gaussian_fixed_b384.md); infonce's separable critic memorises the training
-            pairs sooner (benchmarks/results/estimate_mi_batch_infonce.md).
+        batch_size: samples per update; default 768 for mine, 128 for the others (`default_batch_size`).
+            MINE's gradient noise, more than its critic's width, holds it short at a few nats: on d = 20 Gaussians
+            at 4 nats (3 seeds, 20,000 samples), with 256-256 critics its largest error is 0.37 at batch 128, 0.20
+            at 256, 0.17 at 384 and 0.19 at 512 (benchmarks/results/estimate_mi_batch.md), and at batch 384 the
+            critic's width hardly matters (0.20, 0.21, 0.17 for 128, 192, 256; estimate_mi_cost.md). So mine
+            trains a narrower critic on larger batches: 128-128 at batch 768 reads within 0.17 at 4 nats in 13.6-14.9
+            s a call on 2 threads, where 256-256 at 384 reads within 0.17 in 18.3-25.8 s
+            (estimate_mi_critic128.md). The others read lower with larger batches: jsd and smile, whose critics
+            train on the Jensen-Shannon objective, at 2-6 nats, and jsd collapses on the cubic transform
+            (mi_gaussian_fixed_b384.md); infonce's separable critic memorises the training pairs sooner
+            (estimate_mi_batch_infonce.md).
         lr: Adam learning rate of the critic.
-        hidden: critic widths.
+        hidden: critic widths; default 128-128 for mine (see `batch_size`), 256-256 for the others
+            (`default_hidden`).
         activation: of the critic's hidden layers: "gelu" (default), "relu", "elu" or "tanh". The optimal critic of
             Gaussian data is a quadratic form, which GELU's smooth units fit closer than ReLU's kinks do
             (benchmarks/results/estimate_mi_defaults.md).
@@ -81,7 +88,7 @@ def estimate_mi(
         samples (`.interval()` gives value +- 1.96 se). The se is the noise of the held-out evaluation alone; the
         spread over seeds (the critic's training) comes on top.
     """
-    batch_size = default_batch_size(estimator, batch_size)
+    batch_size, hidden = default_batch_size(estimator, batch_size), default_hidden(estimator, hidden)
     x, y = _check(x, y, estimator, critic, hidden, holdout, steps, batch_size)
     with seeded(seed, x.device):
         g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
@@ -107,7 +114,7 @@ def estimate_mi_population(
     steps: int = 3000,
     batch_size: int | None = None,
     lr: float = 2e-3,
-    hidden: tuple[int, ...] = (256, 256),
+    hidden: tuple[int, ...] | None = None,
     activation: str = "gelu",
     marginals: int = 4,
     holdout: float = 0.2,
@@ -134,7 +141,7 @@ def estimate_mi_population(
     Returns:
         One `MIEstimate` per seed, in order.
     """
-    batch_size = default_batch_size(estimator, batch_size)
+    batch_size, hidden = default_batch_size(estimator, batch_size), default_hidden(estimator, hidden)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("seeds must name at least one seed")
@@ -174,10 +181,14 @@ def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
 
 
 def default_batch_size(estimator: str, batch_size: int | None = None) -> int:
-    """The batch size asked for, or `estimate_mi`'s default for `estimator`: 384 for mine, 128 for the others."""
-    if batch_size is not None:
-        return int(batch_size)
-    return 384 if estimator == "mine" else 128
+    """The batch size asked for, or `estimate_mi`'s default for `estimator`: 768 for mine, 128 for the others."""
+    return int(batch_size) if batch_size is not None else PER_ESTIMATOR.get(estimator, OTHERS)[0]
+
+
+def default_hidden(estimator: str, hidden: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The critic widths asked for, or `estimate_mi`'s default for `estimator`: 128-128 for mine, 256-256 for the
+    others."""
+    return tuple(int(h) for h in hidden) if hidden is not None else PER_ESTIMATOR.get(estimator, OTHERS)[1]
 
 
 def _check(x: Tensor, y: Tensor, estimator: str, critic: str | None, hidden: tuple[int, ...], holdout: float,
