@@ -20,8 +20,8 @@ the ratio any implementation can reach against torch-mist: ours / torch-mist >= 
 Denormal floats: the DV bound cannot see a constant shift of the scores, so they drift, and marginal pairs that a
 critic scores far below the rest get softmax weights in the backward pass that underflow to denormals, whose
 arithmetic is many times slower on x86 CPUs. `--flush-denormal` runs the same steps with denormals flushed to zero
-for every contender (TensorFlow does so in its op threads by default); the library leaves the process's
-floating-point mode alone.
+for every contender (TensorFlow does so in its op threads by default), to measure their share; the library leaves
+the process's floating-point mode alone. Results: results/mine_step.md and results/mine_step_ftz.md.
 
     python benchmarks/mine_step.py                    # ~1 min
     python benchmarks/mine_step.py --flush-denormal --out benchmarks/results/mine_step_ftz.md
