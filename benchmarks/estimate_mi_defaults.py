@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ib.estimators import estimate_mi  # noqa: E402
+from ib.estimators.estimate import default_batch_size, default_hidden  # noqa: E402
 from mi_gaussian import sample  # noqa: E402
 from train_speed import cpu_name, write_report  # noqa: E402
 
@@ -62,9 +63,11 @@ VARIANTS = {
 
 def defaults_line() -> str:
     """The report's line naming `estimate_mi`'s defaults, so that each report says what it ran with."""
-    return "- estimate_mi's defaults: " + ", ".join(f"{k}={v.default!r}" for k, v in
-                                                 inspect.signature(estimate_mi).parameters.items()
-                                                 if v.default is not inspect.Parameter.empty and k != "seed")
+    listed = ", ".join(f"{k}={v.default!r}" for k, v in inspect.signature(estimate_mi).parameters.items()
+                       if v.default is not inspect.Parameter.empty and k != "seed")
+    return (f"- estimate_mi's defaults: {listed}; None: per estimator, batch {default_batch_size('mine')} and "
+            f"critic {default_hidden('mine')} for mine, {default_batch_size('jsd')} and {default_hidden('jsd')} for "
+            "the others")
 
 
 def main(argv: list[str] | None = None) -> None:

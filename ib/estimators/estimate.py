@@ -7,6 +7,7 @@ from typing import Iterable, List, Sequence
 import torch
 from torch import Tensor
 
+from ib.allocator import prime_allocator
 from ib.errors import ConfigError
 from ib.estimators.base import ESTIMATORS, MIEstimate, MIEstimator
 from ib.estimators.population import CriticPopulation
@@ -64,7 +65,8 @@ def estimate_mi(
             critic's width hardly matters (0.20, 0.21, 0.17 for 128, 192, 256; estimate_mi_cost.md). So mine
             trains a narrower critic on larger batches: 128-128 at batch 768 reads within 0.17 at 4 nats in 13.6-14.9
             s a call on 2 threads, where 256-256 at 384 reads within 0.17 in 18.3-25.8 s
-            (estimate_mi_critic128.md). The others read lower with larger batches: jsd and smile, whose critics
+            (estimate_mi_critic128.md; a first call in a fresh process took 17.3-17.7 s in another run,
+            first_call.md). The others read lower with larger batches: jsd and smile, whose critics
             train on the Jensen-Shannon objective, at 2-6 nats, and jsd collapses on the cubic transform
             (mi_gaussian_fixed_b384.md); infonce's separable critic memorises the training pairs sooner
             (estimate_mi_batch_infonce.md).
@@ -90,6 +92,7 @@ def estimate_mi(
     """
     batch_size, hidden = default_batch_size(estimator, batch_size), default_hidden(estimator, hidden)
     x, y = _check(x, y, estimator, critic, hidden, holdout, steps, batch_size)
+    prime_allocator()  # a fresh process's first call would fault its steps' activations in page by page
     with seeded(seed, x.device):
         g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
         opt = adam(est.parameters(), lr)
@@ -152,6 +155,7 @@ def estimate_mi_population(
     xs = x if x.ndim == 3 else x.expand(size, *x.shape)  # [S, N, dx]
     ys = y if y.ndim == 3 else y.expand(size, *y.shape)  # [S, N, dy]
     checked = [_check(xs[m], ys[m], estimator, critic, hidden, holdout, steps, batch_size) for m in range(size)]
+    prime_allocator()
     xs, ys = torch.stack([c[0] for c in checked]), torch.stack([c[1] for c in checked])
     members, states = [], []
     for m, seed in enumerate(seeds):
