@@ -95,7 +95,7 @@ def estimate_mi(
     prime_allocator()  # a fresh process's first call would fault its steps' activations in page by page
     with seeded(seed, x.device):
         g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
-        opt = adam(est.parameters(), lr)
+        opt = _adam(est.parameters(), lr)
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         b = min(batch_size, len(train))
         for _ in range(steps):
@@ -162,7 +162,7 @@ def estimate_mi_population(
         with seeded(seed, xs.device):
             members.append(_setup(xs[m], ys[m], estimator, critic, hidden, activation, marginals, holdout, seed))
             states.append(torch.get_rng_state())  # the member's stream after building, where its call goes on
-    pop = CriticPopulation([est for _, _, _, est in members], states, lambda params: adam(params, lr))
+    pop = CriticPopulation([est for _, _, _, est in members], states, lambda params: _adam(params, lr))
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(pop.optimizer, T_max=steps)
     n_train = len(members[0][1])
     b = min(batch_size, n_train)
@@ -178,7 +178,7 @@ def estimate_mi_population(
     return results
 
 
-def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
+def _adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
     """The critic's optimiser: Adam, fused where torch has it (one kernel per step instead of a dozen foreach
     ops, the same update rule)."""
     return build_optimizer(OptimConfig(name="adam", lr=lr), list(params))
