@@ -1,25 +1,21 @@
-"""Optimisers from a recipe's `OptimConfig`: built (fused Adam where torch has it) and restored from a checkpoint."""
+"""Adam(W) fused where torch has it, and an optimiser's state restored from a checkpoint as it was built."""
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
-
-from ib.recipe import OptimConfig
+from torch import Tensor
 
 
-def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimiser `cfg` names over `params` (tensors or param groups): SGD, or Adam(W), fused where it applies."""
+def adam(params: Sequence[Any], *, lr: float, betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+         decoupled: bool = False) -> torch.optim.Optimizer:
+    """Adam (AdamW with `decoupled` weight decay) over `params` (tensors or param groups), fused where it applies:
+    one kernel for the whole update instead of a dozen foreach ops, the same update rule, an interchangeable
+    state_dict."""
     params = list(params)  # a generator would be used up by the fused check
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    opt_cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    opt_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    kwargs = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     if _fused_adam_ok(params):
-        # One kernel for the whole update instead of a dozen foreach ops. Same update rule; the state_dict is
-        # interchangeable.
         try:
             return opt_cls(params, fused=True, **kwargs)
         except (RuntimeError, TypeError):  # an older torch without fused CPU kernels

@@ -14,15 +14,14 @@ import json, resource, torch
 import ib.allocator
 from ib.estimators import ESTIMATORS
 from ib.models.critics import CRITICS
-from ib.optim import build_optimizer
-from ib.recipe import OptimConfig
+from ib.optim import adam
 torch.set_num_threads(1)
 if {prime}:
     ib.allocator.prime_allocator()
 torch.manual_seed(0)
 critic = CRITICS.create("joint", (20,), 20, hidden=(128, 128), activation="gelu", input_noise=0.0, hidden_noise=0.0)
 est = ESTIMATORS.create("mine", critic, marginals=4)
-opt = build_optimizer(OptimConfig(name="adam", lr=2e-3), list(est.parameters()))
+opt = adam(est.parameters(), lr=2e-3)
 x, y = torch.randn(768, 20), torch.randn(768, 20)
 for step in range(40):
     if step == 10:

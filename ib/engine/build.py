@@ -25,8 +25,8 @@ from ib.estimators import ESTIMATORS, MIEstimator
 from ib.models.classifier import IBClassifier, build_classifier
 from ib.models.critics import CRITICS
 from ib.objectives import TrainForward
-from ib.optim import build_optimizer, load_optimizer
-from ib.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from ib.optim import adam, load_optimizer
+from ib.recipe import OptimConfig, Recipe, recipe_from_dict, recipe_to_dict
 from ib.schedules import BetaSchedule, LRSchedule, create_beta_schedule, create_lr_schedule
 
 CHECKPOINT_FORMAT = 1
@@ -64,6 +64,15 @@ def build_estimator(recipe: Recipe, data: DataSplits, z_dim: int) -> Optional[MI
     critic = CRITICS.create(recipe.mi.critic.name, data.in_shape, z_dim, **recipe.mi.critic.options)
     estimator = ESTIMATORS.create(recipe.mi.estimator.name, critic, **recipe.mi.estimator.options)
     return estimator.to(memory_format=_memory_format(recipe))
+
+
+def build_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser `cfg` names over `params` (tensors or param groups): SGD, or Adam(W), fused where it applies."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                decoupled=cfg.name == "adamw")
 
 
 def build_replicas(model: IBClassifier, estimator: Optional[MIEstimator], device: torch.device) -> Replicas:

@@ -2,7 +2,7 @@
 `estimate_mi_population`: the same for several seeds (or data sets) at once, the critics trained as one population."""
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
@@ -13,8 +13,7 @@ from ib.estimators.base import ESTIMATORS, MIEstimate, MIEstimator
 from ib.estimators.population import CriticPopulation
 from ib.models.critics import CRITICS
 from ib.modes import rng_devices, seeded
-from ib.optim import build_optimizer
-from ib.recipe import OptimConfig
+from ib.optim import adam
 
 # Width of a separable critic's embeddings. On finite samples wider ones memorise the training pairs: at 2 nats in
 # d = 20, an InfoNCE critic with 256-wide embeddings read 2.6 nats on its training pairs and 0.8 held out; 32 (the
@@ -95,7 +94,7 @@ def estimate_mi(
     prime_allocator()  # a fresh process's first call would fault its steps' activations in page by page
     with seeded(seed, x.device):
         g, train, test, est = _setup(x, y, estimator, critic, hidden, activation, marginals, holdout, seed)
-        opt = _adam(est.parameters(), lr)
+        opt = adam(est.parameters(), lr=lr)  # fused where torch has it
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         b = min(batch_size, len(train))
         for _ in range(steps):
@@ -162,7 +161,7 @@ def estimate_mi_population(
         with seeded(seed, xs.device):
             members.append(_setup(xs[m], ys[m], estimator, critic, hidden, activation, marginals, holdout, seed))
             states.append(torch.get_rng_state())  # the member's stream after building, where its call goes on
-    pop = CriticPopulation([est for _, _, _, est in members], states, lambda params: _adam(params, lr))
+    pop = CriticPopulation([est for _, _, _, est in members], states, lambda params: adam(params, lr=lr))
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(pop.optimizer, T_max=steps)
     n_train = len(members[0][1])
     b = min(batch_size, n_train)
@@ -176,12 +175,6 @@ def estimate_mi_population(
         results = [pop.load_into(m, est).estimate(xs[m][test], ys[m][test], permutations=permutations, generator=g)
                    for m, (g, _, test, est) in enumerate(members)]
     return results
-
-
-def _adam(params: Iterable[Tensor], lr: float) -> torch.optim.Optimizer:
-    """The critic's optimiser: Adam, fused where torch has it (one kernel per step instead of a dozen foreach
-    ops, the same update rule)."""
-    return build_optimizer(OptimConfig(name="adam", lr=lr), list(params))
 
 
 def default_batch_size(estimator: str, batch_size: int | None = None) -> int:
