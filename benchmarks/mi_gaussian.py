@@ -24,7 +24,8 @@ The fixed-dataset protocol (`--protocol fixed`) asks what a user of `ib.estimate
 level, seed), one dataset of 20,000 samples; each estimator trains `--steps` steps (default 2,000) with its library's
 own estimate-MI function and defaults (ours: `ib.estimate_mi`, 4,000 samples held out; torch-mist:
 `torch_mist.estimate_mi`, trained on the same 16,000, tested on the same 4,000, batch 128), and reports its held-out
-value. Critics as above (256-256 for both). Every finished cell is cached beside the report, so a rerun resumes.
+value. Critics: torch-mist's 256-256; ours `estimate_mi`'s defaults (128-128 for mine, 256-256 for the others).
+Every finished cell is cached beside the report, so a rerun resumes.
 
     python benchmarks/mi_gaussian.py --protocol fixed                 # 3 seeds (~1-2 h on 2 shared cores)
 
