@@ -57,6 +57,9 @@ VARIANTS = {
     "less compute: critic 128-128": {"hidden": (128, 128)},
     "critic 128-128, batch 512": {"hidden": (128, 128), "batch_size": 512},
     "critic 128-128, batch 768": {"hidden": (128, 128), "batch_size": 768},
+    "less compute: 2,500 steps": {"steps": 2500},
+    "less compute: 2,500 steps, lr 3e-3": {"steps": 2500, "lr": 3e-3},
+    "less compute: 2,000 steps, lr 4e-3": {"steps": 2000, "lr": 4e-3},
     "less compute: 2,000 steps": {"steps": 2000},
 }
 

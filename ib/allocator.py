@@ -1,15 +1,15 @@
-"""glibc's malloc and a process's first training loop: raising its mmap threshold before the loop instead of during it.
+"""glibc's malloc and a critic's training loop: raising malloc's mmap threshold before the loop, once per process.
 
 glibc serves each block above its mmap threshold (128 KiB when a process starts) with a fresh `mmap` and unmaps it
 on `free`, so every activation of a critic step ([768 * 5, 128] floats: 2 MB) is faulted in page by page, every step.
 The threshold is dynamic: freeing an mmap'd block raises it to that block's size (up to 32 MiB), and the trim
 threshold to twice that, after which such blocks come from the heap and stay mapped. A process reaches that point
-only when it first frees a block larger than its steps' blocks, as `estimate_mi` does at its held-out report, after
-training. Until then it faults: a first call of `estimate_mi` in a fresh process took millions of page faults more
-than a second call (benchmarks/results/first_call.md).
+only when it frees a block larger than its steps' blocks, which a run of `estimate_mi` may never do. Until then it
+faults: unprimed, a first call of `estimate_mi` in a fresh process took millions of page faults, and in two of three
+processes the second call too (benchmarks/results/first_call.md).
 
 `prime_allocator()` allocates and frees one block of `PRIME_BYTES` (once per process), which moves the thresholds
-where the first report would have moved them anyway. Elsewhere (other C libraries, jemalloc or tcmalloc preloaded)
+above the loop's blocks before it starts. Elsewhere (other C libraries, jemalloc or tcmalloc preloaded)
 it costs one allocation and changes nothing.
 """
 from __future__ import annotations
