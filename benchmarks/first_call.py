@@ -7,7 +7,7 @@ again. The `unprimed` arm marks the allocator as primed before the first call, s
 before the library primed it. Cells: wall seconds of each call and its minor page faults (getrusage). The arms
 alternate, so that drift in the machine's speed falls on both.
 
-    python benchmarks/first_call.py        # ~3 min on 2 idle cores
+    python benchmarks/first_call.py        # ~4 min on 2 idle cores
 """
 from __future__ import annotations
 

@@ -56,16 +56,16 @@ def estimate_mi(
         critic: "joint" (an MLP on concat(x, y) with widths `hidden`) or "separable" (<g(x), h(y)>, g and h MLPs
             with hidden layers `hidden[:-1]` and 32-wide embeddings); default separable for infonce, whose B x B
             scores it computes with one matrix product, and joint otherwise.
-        steps: critic updates. For mine at d = 20, 4 nats, 2,500 steps fall short by up to 0.18 in 13.3-14.1 s a call
-            on 2 threads, 3,000 by up to 0.17 in 14.9-17.5 s, in the same run (estimate_mi_steps2500.md).
+        steps: critic updates. For mine at d = 20, 4 nats, 2,500 steps fall short by up to 0.18 in 13.7-14.7 s a call
+            on 2 threads, 3,000 by up to 0.17 in 16.4-16.8 s, in the same run (estimate_mi_steps2500.md).
         batch_size: samples per update; default 768 for mine, 128 for the others (`default_batch_size`).
             MINE's gradient noise, more than its critic's width, holds it short at a few nats: on d = 20 Gaussians
             at 4 nats (3 seeds, 20,000 samples), with 256-256 critics its largest error is 0.37 at batch 128, 0.20
             at 256, 0.17 at 384 and 0.19 at 512 (benchmarks/results/estimate_mi_batch.md), and at batch 384 the
-            critic's width hardly matters (0.20, 0.21, 0.17 for 128, 192, 256; estimate_mi_cost.md). So mine
+            critic's width hardly matters (0.20 and 0.21 for 128 and 192 wide, estimate_mi_cost.md). So mine
             trains a narrower critic on larger batches: with 3,000 steps, 128-128 at batch 768 reads within 0.17 at
-            4 nats in 13.6-14.9 s a call on 2 threads, where 256-256 at 384 reads within 0.17 in 18.3-25.8 s
-            (estimate_mi_critic128.md). The others read lower with larger batches: jsd and smile, whose critics
+            4 nats in 13.9-14.7 s a call on average on 2 threads, where 256-256 at 384 reads within 0.17 in 18.5-20.9
+            s (estimate_mi_critic128.md). The others read lower with larger batches: jsd and smile, whose critics
             train on the Jensen-Shannon objective, at 2-6 nats, and jsd collapses on the cubic transform
             (mi_gaussian_fixed_b384.md); infonce's separable critic memorises the training pairs sooner
             (estimate_mi_batch_infonce.md).
