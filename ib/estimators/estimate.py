@@ -224,10 +224,10 @@ def _setup(x: Tensor, y: Tensor, estimator: str, critic: str | None, hidden: tup
     train, test = perm[:n_train], perm[n_train:] if n_train < n else perm
     critic = critic or ("separable" if estimator == "infonce" else "joint")
     if critic == "joint":
-        net = CRITICS.create("joint", (x.shape[1],), y.shape[1], hidden=tuple(hidden), activation=activation,
+        net = CRITICS.create("joint", (x.shape[1],), y.shape[1], hidden=hidden, activation=activation,
                              input_noise=0.0, hidden_noise=0.0)
     else:
-        net = CRITICS.create("separable", (x.shape[1],), y.shape[1], hidden=tuple(hidden[:-1]),
+        net = CRITICS.create("separable", (x.shape[1],), y.shape[1], hidden=hidden[:-1],
                              embed_dim=SEPARABLE_EMBED, activation=activation)
     options = {"marginals": marginals} if "marginals" in ESTIMATORS.options(estimator) else {}
     return g, train, test, ESTIMATORS.create(estimator, net, **options).to(x.device)
