@@ -67,6 +67,10 @@ DIM = 20
 HIDDEN = 256
 OURS = ("mine", "mine_f", "infonce", "smile", "jsd")
 PEERS = ("mine", "smile", "infonce")
+# The fixed protocol calls torch_mist.estimate_mi by name, so it can run more of torch-mist's estimators: its
+# JS-trained and NWJ critics, FLO, and DoE (difference of entropies, McAllester & Stratos 2020: a conditional and a
+# marginal density model instead of a critic), to ask whether torch-mist has a better tool at high MI than ours.
+FIXED_PEERS = PEERS + ("js", "nwj", "flo", "doe")
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mi_gaussian.md"
 FIXED_OUT = ROOT / "benchmarks" / "results" / "mi_gaussian_fixed.md"
 FIXED_N, FIXED_HELD_OUT = 20_000, 0.2  # samples per dataset; the share held out (ib.estimate_mi's default)
@@ -482,8 +486,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--levels", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0, 10.0], help="true MI, nats")
     p.add_argument("--variants", nargs="+", choices=["gaussian", "cubic"], default=["gaussian", "cubic"])
     p.add_argument("--estimators", nargs="+", choices=OURS, default=list(OURS), help="ours")
-    p.add_argument("--peers", nargs="*", choices=PEERS, default=None,
-                   help="torch-mist's estimators (default: all three where torch-mist is installed; none: --peers)")
+    p.add_argument("--peers", nargs="*", choices=FIXED_PEERS, default=None,
+                   help="torch-mist's estimators (default: mine, smile, infonce where torch-mist is installed, mine "
+                        "and smile for --protocol fixed; none: --peers); js, nwj, flo and doe: --protocol fixed only")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for every critic")
     p.add_argument("--eval-batches", type=int, default=5, help="fresh batches per evaluation point (5 points a level)")
     p.add_argument("--eval-negatives", type=int, default=10, help="marginal pairings per sample in DV estimates")
@@ -498,6 +503,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (2000 if fixed else 300)
     args.seeds = args.seeds if args.seeds is not None else (3 if fixed else 2)
     args.out = args.out or (FIXED_OUT if fixed else DEFAULT_OUT)
+    if not fixed and args.peers and set(args.peers) - set(PEERS):
+        p.error(f"--peers {' '.join(sorted(set(args.peers) - set(PEERS)))}: --protocol fixed only (the staircase "
+                f"steps torch-mist's {', '.join(PEERS)} in lockstep with ours)")
     return args
 
 

@@ -13,9 +13,14 @@ of B pairs with one marginal pairing per sample, with Adam at lr 1e-3:
 - `ib mine, population of S`: S such critics trained as one (`ib.estimators.CriticPopulation`, what
   `ib.estimate_mi_population` trains one critic per seed with), each on its own batch of B pairs; its time per
   member (a population step over S) is set against one step of the others: the same work per member.
+- `ib mine, compiled` and `plain floor, compiled`: the same two steps with the loss's forward (and with it the
+  backward, through AOTAutograd) compiled by `torch.compile` (inductor's C++ kernels on the CPU); the optimiser
+  step stays eager. Compiling happens in the warm-up chunk; the first step's time, compilation included, is
+  reported apart. `--no-compile` leaves them out.
 
 The contenders take turns on chunks of steps, so load from other processes falls on all alike. The floor bounds
-the ratio any implementation can reach against torch-mist: ours / torch-mist >= floor / torch-mist.
+the ratio any eager implementation can reach against torch-mist: ours / torch-mist >= floor / torch-mist; the
+compiled floor bounds what fusing the step's element-wise work can add to that.
 
 Denormal floats: the DV bound cannot see a constant shift of the scores, so they drift, and marginal pairs that a
 critic scores far below the rest get softmax weights in the backward pass that underflow to denormals, whose
@@ -23,7 +28,7 @@ arithmetic is many times slower on x86 CPUs. `--flush-denormal` runs the same st
 for every contender (TensorFlow does so in its op threads by default), to measure their share; the library leaves
 the process's floating-point mode alone. Results: results/mine_step.md and results/mine_step_ftz.md.
 
-    python benchmarks/mine_step.py                    # ~1 min
+    python benchmarks/mine_step.py                    # ~2 min
     python benchmarks/mine_step.py --flush-denormal --out benchmarks/results/mine_step_ftz.md
 """
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -64,13 +70,14 @@ def _mine() -> torch.nn.Module:
     return ESTIMATORS.create("mine", critic)
 
 
-def ours() -> Callable[[torch.Tensor, torch.Tensor], None]:
+def ours(compiled: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
     est = _mine()
     opt = build_optimizer(OptimConfig(name="adam", lr=LR), list(est.parameters()))
+    loss = torch.compile(est.loss) if compiled else est.loss
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        est.loss(x, y).backward()
+        loss(x, y).backward()
         opt.step()
 
     return step
@@ -101,29 +108,37 @@ def population(size: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
     return pop.step
 
 
-def floor() -> Callable[[torch.Tensor, torch.Tensor], None]:
+def floor(compiled: bool = False) -> Callable[[torch.Tensor, torch.Tensor], None]:
     net = nn.Sequential(nn.Linear(2 * DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                         nn.Linear(HIDDEN, 1))
     opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+    def dv_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         t = net(torch.cat([torch.cat([x, y], 1), torch.cat([x, y.roll(1, 0)], 1)])).squeeze(1)  # [2B]
-        loss = -(t[:b].mean() - torch.logsumexp(t[b:], 0) + math.log(b))
+        return -(t[:b].mean() - torch.logsumexp(t[b:], 0) + math.log(b))
+
+    loss = torch.compile(dv_loss) if compiled else dv_loss
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss(x, y).backward()
         opt.step()
 
     return step
 
 
-def measure(batch: int, steps: int, chunk: int, size: int, mi: float = 2.0) -> Dict[str, List[float]]:
-    """Median-ready ms per step of each contender (per member for the population), over lockstep chunks.
+def measure(batch: int, steps: int, chunk: int, size: int, compiled: bool,
+            mi: float = 2.0) -> tuple[Dict[str, List[float]], Dict[str, float]]:
+    """Median-ready ms per step of each contender (per member for the population), over lockstep chunks, and
+    the seconds of each contender's first step (compilation, for the compiled ones).
 
     Every chunk draws fresh batches from a pool of correlated Gaussians (I(X;Y) = `mi` nats), the same batches for
     every contender, as training does (an earlier version cycled 50 fixed batches, which a critic can memorise).
     """
     contenders = {"ib mine": ours(), "plain floor": floor()}
+    if compiled:
+        contenders.update({"ib mine, compiled": ours(compiled=True), "plain floor, compiled": floor(compiled=True)})
     if importlib.util.find_spec("torch_mist") is not None:
         contenders["torch-mist mine"] = peer()
     contenders["population"] = population(size)
@@ -135,18 +150,21 @@ def measure(batch: int, steps: int, chunk: int, size: int, mi: float = 2.0) -> D
         return pool_x[idx], pool_y[idx]
 
     times: Dict[str, List[float]] = {name: [] for name in contenders}
-    for rep in range(steps // chunk + 1):  # the first chunk warms up
+    first: Dict[str, float] = {}
+    for rep in range(steps // chunk + 1):  # the first chunk warms up (and compiles)
         data = [draw((batch,)) for _ in range(chunk)]
         stacked = [draw((size, batch)) for _ in range(chunk // size or 1)]  # as many member steps as one chunk
         for name, fn in contenders.items():
             batches = stacked if name == "population" else data
             t0 = time.perf_counter()
-            for x, y in batches:
+            for i, (x, y) in enumerate(batches):
                 fn(x, y)
+                if not rep and not i:
+                    first[name] = time.perf_counter() - t0
             member_steps = len(batches) * (size if name == "population" else 1)
             if rep:
                 times[name].append((time.perf_counter() - t0) / member_steps * 1000)  # ms per (member) step
-    return times
+    return times, first
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -158,11 +176,19 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--population", type=int, default=10, help="members of the population contender")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="flush denormal floats to zero (torch.set_flush_denormal) for every contender")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.flush_denormal and not torch.set_flush_denormal(True):
         parser.error("this CPU cannot flush denormals")
+    compiled = not args.no_compile
+    cache = tempfile.TemporaryDirectory(prefix="mine_step_inductor_")
+    if compiled:  # compile cold: inductor's on-disk caches in a fresh folder, not what earlier runs left
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
+    names = ["ib mine", *(["ib mine, compiled"] if compiled else []), "torch-mist mine", "plain floor",
+             *(["plain floor, compiled"] if compiled else []), "population"]
+    header = {"population": f"ib mine, population of {args.population} (per member)"}
     lines = [
         "# MINE's training step: ours, torch-mist's and the plain-PyTorch floor",
         "",
@@ -176,21 +202,37 @@ def main(argv: List[str] | None = None) -> None:
         f"each, in lockstep chunks of {args.chunk} after a chunk of warm-up, every chunk fresh batches of 20-d "
         f"Gaussians at 2 nats (never repeated; see `measure`); cells: median ms per step over "
         f"the chunks (and the ratio of medians). The population of {args.population} critics (each its own batch of "
-        "B) steps as many member steps per chunk as the others; its cell is ms per member step.",
+        "B) steps as many member steps per chunk as the others; its cell is ms per member step."
+        + (" Compiled: the loss's forward and backward through `torch.compile` (default mode), the optimiser step "
+           "eager; their first step, compilation included (cold: inductor's on-disk caches in a fresh folder), in the "
+           "last table." if compiled else ""),
         "",
-        f"| batch | ib mine | torch-mist mine | plain floor | ib mine, population of {args.population} (per member) "
-        "| ours / torch-mist | floor / torch-mist | ours / floor | population / torch-mist |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | " + " | ".join(header.get(n, n) for n in names) + " |",
+        "|---|" + "---|" * len(names),
     ]
+    ratio_rows, first_rows = [], []
     for batch in args.batch_sizes:
-        times = measure(batch, args.steps, args.chunk, args.population)
+        times, first = measure(batch, args.steps, args.chunk, args.population, compiled)
         med = {name: statistics.median(t) for name, t in times.items()}
         peer_ms = med.get("torch-mist mine", math.nan)
-        lines.append(f"| {batch} | {med['ib mine']:.3f} | {peer_ms:.3f} | {med['plain floor']:.3f} | "
-                     f"{med['population']:.3f} | {med['ib mine'] / peer_ms:.2f} | {med['plain floor'] / peer_ms:.2f} | "
-                     f"{med['ib mine'] / med['plain floor']:.2f} | {med['population'] / peer_ms:.2f} |")
+        lines.append(f"| {batch} | " + " | ".join(f"{med.get(n, math.nan):.3f}" for n in names) + " |")
         print(lines[-1], flush=True)
+        ratio_rows.append(f"| {batch} | " + " | ".join(f"{med[n] / peer_ms:.2f}" for n in names
+                                                       if n != "torch-mist mine")
+                          + f" | {med['ib mine'] / med['plain floor']:.2f} |")
+        if compiled:
+            first_rows.append(f"| {batch} | " + " | ".join(f"{first[n]:.2f}" for n in names if n in first
+                                                           and n != "population") + " |")
+    lines += ["", "Per step, against torch-mist's:", "",
+              "| batch | " + " | ".join(f"{header.get(n, n)} / torch-mist" for n in names if n != "torch-mist mine")
+              + " | ib mine / plain floor |",
+              "|---|" + "---|" * len(names), *ratio_rows]
+    if compiled:
+        firsts = [n for n in names if n != "population"]
+        lines += ["", "First step, seconds (for the compiled contenders, compilation included):", "",
+                  "| batch | " + " | ".join(firsts) + " |", "|---|" + "---|" * len(firsts), *first_rows]
     write_report(args.out, lines)
+    cache.cleanup()
 
 
 if __name__ == "__main__":

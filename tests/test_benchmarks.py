@@ -155,6 +155,28 @@ def test_recorded_matmuls_are_the_counted_flops(precision):
     assert not any(k == 36 + 8 for _, k, _ in matmuls.shapes)  # never the unsplit [x, z] first layer
 
 
+def test_mine_step_smoke_writes_both_tables(tmp_path):
+    bench = _load("mine_step")
+    out = tmp_path / "mine_step.md"
+    bench.main(["--steps", "2", "--chunk", "1", "--batch-sizes", "8", "--population", "2", "--no-compile",
+                "--out", str(out)])
+    text = out.read_text()
+    assert "- command: `python benchmarks/mine_step.py --steps 2 --chunk 1" in text
+    ms_row, ratio_row = [line for line in text.splitlines() if line.startswith("| 8 |")]
+    ms = [float(c) for c in ms_row.strip("|").split("|")[1:]]  # ours, torch-mist (nan without it), floor, pop.
+    assert len(ms) == 4 and all(v > 0 for i, v in enumerate(ms) if i != 1)
+    ours_over_floor = float(ratio_row.strip("|").split("|")[-1])
+    assert ours_over_floor == pytest.approx(ms[0] / ms[2], abs=0.01)  # rounded to two decimals
+    assert "compiled" not in text
+
+
+def test_mi_gaussian_takes_torch_mists_other_estimators_in_the_fixed_protocol_only():
+    bench = _load("mi_gaussian")
+    assert bench.parse_args(["--protocol", "fixed", "--peers", "doe", "js"]).peers == ["doe", "js"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peers", "doe"])  # the staircase steps mine, smile and infonce only
+
+
 def test_cpu_kernels_smoke_writes_the_report(tmp_path):
     bench = _load("cpu_kernels")
     out = tmp_path / "cpu_kernels.md"

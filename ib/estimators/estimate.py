@@ -132,7 +132,7 @@ def estimate_mi_population(
     report of an estimate needs beside its standard error. The population saves the per-step fixed cost of each
     call, not its arithmetic: at the defaults, where a step is arithmetic, three seeds take 1.05-1.19 of the three
     calls' time on one CPU thread, no saving (benchmarks/results/estimate_mi_population.md); with small steps a
-    population of 10 takes 0.48-0.62 of torch-mist's time per member (benchmarks/results/mine_step.md).
+    population of 10 takes 0.49-0.62 of torch-mist's time per member (benchmarks/results/mine_step.md).
 
     Args:
         x: samples [N, dx] shared by every member, or [S, N, dx], one set per member. y: [N, dy] or [S, N, dy].
