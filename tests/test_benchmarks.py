@@ -59,6 +59,9 @@ def test_mi_gaussian_fixed_protocol_resumes_from_its_cache(tmp_path, monkeypatch
     assert all(math.isfinite(r["value"]) and r["se"] > 0 for r in cache.values())
     first = out.read_text()
     assert "| ib mine | " in first and "(n=1)" in first and "| 2 | " in first
+    se_rows = first.split("Standard error of our held-out reports")[1].splitlines()
+    se_mine = next(r for r in se_rows if r.startswith("| ib mine | ")).split("|")[2].split()  # "se (largest)"
+    assert float(se_mine[0]) == pytest.approx(cache[f"gaussian|2|0|ib|mine|5|{mine}|n=20000"]["se"], abs=0.005)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached cell was computed again")
