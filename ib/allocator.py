@@ -5,9 +5,9 @@ on `free`, so every activation of a critic step ([768 * 5, 128] floats: 2 MB) is
 The threshold is dynamic: freeing an mmap'd block raises it to that block's size (up to 32 MiB), and the trim
 threshold to twice that, after which such blocks come from the heap and stay mapped. A process reaches that point
 only when it frees a block larger than its steps' blocks, which a run of `estimate_mi` may never do. Until then it
-faults: unprimed, a first call of `estimate_mi` in a fresh process took millions of page faults, and in one run
-(benchmarks/results/first_call.md as of commit 559d0cb) two of three processes went on faulting through their
-second call (benchmarks/results/first_call.md).
+faults: unprimed, a first call of `estimate_mi` in a fresh process took millions of page faults
+(benchmarks/results/first_call.md), and in an earlier run of that benchmark (the file as of commit 559d0cb) two of
+three processes went on faulting through their second call too.
 
 `prime_allocator()` allocates and frees one block of `PRIME_BYTES` (once per process), which moves the thresholds
 above the loop's blocks before it starts. Elsewhere (other C libraries, jemalloc or tcmalloc preloaded)

@@ -71,6 +71,19 @@ def test_mi_gaussian_fixed_protocol_resumes_from_its_cache(tmp_path, monkeypatch
     assert out.read_text() == first
 
 
+def test_mi_gaussian_fixed_report_tabulates_mean_and_largest_standard_error(tmp_path):
+    bench = _load("mi_gaussian")
+    args = bench.parse_args(["--protocol", "fixed", "--seeds", "2", "--levels", "2", "4", "--variants", "gaussian",
+                             "--estimators", "mine", "--peers", "--out", str(tmp_path / "r.md")])
+    key = lambda level, seed: bench.cell_key("gaussian", level, seed, "ib", "mine", args.steps)  # noqa: E731
+    cache = {key(2, 0): dict(value=1.9, se=0.10, seconds=1.0), key(2, 1): dict(value=2.1, se=0.30, seconds=1.0),
+             key(4, 0): dict(value=3.8, se=0.05, seconds=1.0)}  # level 4: one seed done
+    text = bench.fixed_report(args, [], cache, "python benchmarks/mi_gaussian.py")
+    assert "| ib mine | 2.00 ± 0.14 (n=2) | 3.80 (n=1) |" in text
+    assert "| ib mine | 0.20 (0.30) | 0.05 (0.05) |" in text.split("Standard error of our held-out reports")[1]
+    assert "log N = 8.29 nats" in text  # the held-out ceiling of 4,000 samples
+
+
 def test_report_bias_exact_critic_reads_the_truth_and_smile_above_it():
     # The DV bound of the exact critic over all pairs of the 4,000 held-out samples: its spread over data seeds
     # is 0.04 nats at 2 nats and 0.06 at 4 (report_bias.md), so 0.2 is over 3 sd. SMILE's clip from above lowers
@@ -158,19 +171,27 @@ def test_recorded_matmuls_are_the_counted_flops(precision):
     assert not any(k == 36 + 8 for _, k, _ in matmuls.shapes)  # never the unsplit [x, z] first layer
 
 
-def test_mine_step_smoke_writes_both_tables(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mine_step_smoke_writes_its_tables(tmp_path, compiled):
     bench = _load("mine_step")
     out = tmp_path / "mine_step.md"
-    bench.main(["--steps", "2", "--chunk", "1", "--batch-sizes", "8", "--population", "2", "--no-compile",
-                "--out", str(out)])
+    bench.main(["--steps", "2", "--chunk", "1", "--batch-sizes", "8", "--population", "2", "--out", str(out)]
+               + ([] if compiled else ["--no-compile"]))
     text = out.read_text()
     assert "- command: `python benchmarks/mine_step.py --steps 2 --chunk 1" in text
-    ms_row, ratio_row = [line for line in text.splitlines() if line.startswith("| 8 |")]
-    ms = [float(c) for c in ms_row.strip("|").split("|")[1:]]  # ours, torch-mist (nan without it), floor, pop.
-    assert len(ms) == 4 and all(v > 0 for i, v in enumerate(ms) if i != 1)
-    ours_over_floor = float(ratio_row.strip("|").split("|")[-1])
-    assert ours_over_floor == pytest.approx(ms[0] / ms[2], abs=0.01)  # rounded to two decimals
-    assert "compiled" not in text
+    tables = [[line.strip("|").split("|") for line in block.splitlines() if line.startswith("|")]
+              for block in text.split("\n\n") if block.startswith("|")]
+    assert len(tables) == (3 if compiled else 2)  # ms per step, ratios, first steps
+    for header, rule, row in tables:
+        assert len(header) == len(rule) == len(row) and row[0].strip() == "8"  # every header has its cell
+    (names, _, ms), (ratio_names, _, ratios) = tables[:2]
+    ms = {n.strip(): float(v) for n, v in zip(names[1:], ms[1:])}
+    assert ("ib mine, compiled" in ms) == ("plain floor, compiled" in ms) == compiled
+    assert all(v > 0 for n, v in ms.items() if n != "torch-mist mine")  # nan without torch-mist
+    assert float(ratios[-1]) == pytest.approx(ms["ib mine"] / ms["plain floor"], abs=0.01)  # rounded to 2 places
+    if compiled:
+        firsts = dict(zip([n.strip() for n in tables[2][0][1:]], map(float, tables[2][2][1:])))
+        assert firsts["ib mine, compiled"] > 0 and firsts["plain floor, compiled"] > 0
 
 
 def test_mi_gaussian_takes_torch_mists_other_estimators_in_the_fixed_protocol_only():

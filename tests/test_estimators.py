@@ -12,6 +12,7 @@ import ib
 from ib.errors import ConfigError
 from ib.estimators import (
     ESTIMATORS,
+    CeilingWarning,
     MINE,
     InfoNCE,
     MIEstimate,
@@ -463,7 +464,7 @@ class _MatchCritic(torch.nn.Module):
 def test_infonce_held_out_estimate_is_blockwise_and_warns_at_its_ceiling():
     x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
     est = InfoNCE(_MatchCritic())
-    with pytest.warns(UserWarning, match="ceiling"):
+    with pytest.warns(CeilingWarning, match="ceiling"):
         value = est.estimate(x, x, batch_size=64)  # 200 samples in 4 blocks of 50
     assert value == pytest.approx(math.log(50), abs=1e-3) and value <= math.log(50) + 1e-6
     scores = -1e4 * torch.cdist(x[:50], x[:50]).pow(2)
@@ -489,28 +490,41 @@ def test_infonce_respects_its_ceiling_at_10_nats():
         warnings.simplefilter("ignore")
         value = est.estimate(x, y, batch_size=64)  # measured: 4.00
     assert math.log(64) - 0.3 < value <= math.log(64) + 1e-6
-    with pytest.warns(UserWarning, match="ceiling"):
+    with pytest.warns(CeilingWarning, match="ceiling"):
         value = est.estimate(x, y, batch_size=16)
     assert math.log(16) - 0.1 < value <= math.log(16) + 1e-6
 
 
 def test_estimate_mi_warns_when_its_report_reaches_log_n():
     """y = x + 1e-3 noise in d = 4 (about 28 nats) with 40 held-out samples: the critic's report reads above
-    log 40 = 3.69 (measured: jsd 7.58, se 0.35), which no bound from 40 samples can certify; a warning says so,
-    naming N and log N. At 1 nat with 400 held-out samples (log N = 5.99) there is none."""
+    log 40 = 3.69 (measured: jsd 7.58, se 0.35), which no bound from 40 samples can certify; a CeilingWarning says
+    so, naming N and log N. At 1 nat with 400 held-out samples (log N = 5.99) there is none."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 4, generator=g)
     y = x + 1e-3 * torch.randn(400, 4, generator=g)
     small = dict(steps=600, batch_size=64, hidden=(64, 64))
-    with pytest.warns(UserWarning, match=r"log\(N\) = 3\.689.* N = 40 samples"):
+    with pytest.warns(CeilingWarning, match=r"log\(N\) = 3\.689.* N = 40 samples"):
         value = ib.estimate_mi(x, y, "jsd", holdout=0.1, **small)
     assert value > math.log(40)
-    with pytest.warns(UserWarning, match="N = 40 samples"):
+    with pytest.warns(CeilingWarning, match="N = 40 samples"):
         ib.estimate_mi_population(x, y, "jsd", seeds=(0,), holdout=0.1, **small)
     x, y = correlated_gaussians(2000, 4, 1.0, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ib.estimate_mi(x, y, "jsd", steps=100, batch_size=64, hidden=(32, 32)) < 1.5
+
+
+def test_ceiling_warning_starts_a_tenth_of_a_nat_below_log_n_and_leaves_infonce_to_its_own():
+    from ib.estimators.estimate import _warn_near_ceiling
+
+    ceiling = math.log(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_near_ceiling(MIEstimate(ceiling - 0.11, 0.1), 40, "mine")
+        _warn_near_ceiling(MIEstimate(ceiling + 5.0, 0.1), 40, "infonce")  # InfoNCE warns at its block's ceiling
+    for value in (ceiling - 0.09, ceiling + 5.0):
+        with pytest.warns(CeilingWarning, match=r"\(se 0\.100\)"):
+            _warn_near_ceiling(MIEstimate(value, 0.1), 40, "smile")
 
 
 # Measured with estimate_mi(steps=800, marginals=1, batch 128, 6,400 training and 1,600 held-out samples; 2 seeds),

@@ -46,6 +46,11 @@ JACKKNIFE_GROUPS = 20  # groups of held-out samples for an estimate's standard e
 REPORT_PAIRS = 8192
 
 
+class CeilingWarning(UserWarning):
+    """An estimate reads at (or above) the most its samples can show: log of InfoNCE's block size, or for a held-out
+    report `estimate_mi`'s log N. Filter it by category (`warnings.simplefilter("ignore", CeilingWarning)`)."""
+
+
 class MIEstimate(float):
     """An estimate of I(X;Z) in nats (a float, usable wherever one is) with `se`, its standard error over the
     samples it was computed on: the spread one would see re-estimating on another held-out set of the same size,

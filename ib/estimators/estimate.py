@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ib.allocator import prime_allocator
 from ib.errors import ConfigError
-from ib.estimators.base import ESTIMATORS, MIEstimate, MIEstimator
+from ib.estimators.base import ESTIMATORS, CeilingWarning, MIEstimate, MIEstimator
 from ib.estimators.infonce import CEILING_MARGIN
 from ib.estimators.population import CriticPopulation
 from ib.models.critics import CRITICS
@@ -139,7 +139,7 @@ def estimate_mi_population(
     report of an estimate needs beside its standard error. The population saves the per-step fixed cost of each
     call, not its arithmetic: at the defaults, where a step is arithmetic, three seeds take 1.05-1.19 of the three
     calls' time on one CPU thread, no saving (benchmarks/results/estimate_mi_population.md); with small steps a
-    population of 10 takes 0.49-0.62 of torch-mist's time per member (benchmarks/results/mine_step.md).
+    population of 10 takes 0.50-0.64 of torch-mist's time per member (benchmarks/results/mine_step.md).
 
     Args:
         x: samples [N, dx] shared by every member, or [S, N, dx], one set per member. y: [N, dy] or [S, N, dy].
@@ -187,17 +187,16 @@ def estimate_mi_population(
 
 
 def _warn_near_ceiling(value: MIEstimate, n: int, estimator: str) -> None:
-    """Warn when a critic's report from n samples reads within CEILING_MARGIN of log n, or above it: no
-    distribution-free lower bound from n samples can certify much more than log n nats with high confidence
-    (McAllester & Stratos, AISTATS 2020), and there the report's noise grows (on d = 20 Gaussians, jsd's standard
-    error is 0.03-0.09 at 2-6 nats and 0.41 at 8, with n = 4,000: benchmarks/results/mi_gaussian_fixed_peers.md).
-    InfoNCE warns at its own, lower, ceiling."""
+    """Warn (CeilingWarning) when a critic's report from n samples (the held-out ones, or all with holdout=0) reads
+    within CEILING_MARGIN of log n, or above it: no distribution-free lower bound from n samples can certify much
+    more than log n nats with high confidence (McAllester & Stratos, AISTATS 2020). InfoNCE warns at its own, lower,
+    ceiling."""
     ceiling = math.log(n)
     if estimator != "infonce" and float(value) > ceiling - CEILING_MARGIN:
         warnings.warn(
             f"{estimator} estimate {float(value):.3f} nats (se {value.se:.3f}) is within {CEILING_MARGIN} nats of "
             f"log(N) = {ceiling:.3f}, or above it, for the N = {n} samples it was computed on: no lower bound from N "
-            f"samples can certify much more than log N. For MI this high, give more samples (or a larger holdout)",
+            f"samples can certify much more than log N. For MI this high, give more samples", CeilingWarning,
             stacklevel=3)
 
 

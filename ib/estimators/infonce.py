@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ib import distributed
-from ib.estimators.base import ESTIMATORS, CriticEstimator, MIEstimate, jackknife_se
+from ib.estimators.base import ESTIMATORS, CeilingWarning, CriticEstimator, MIEstimate, jackknife_se
 from ib.models.bottlenecks import Code
 
 CEILING_MARGIN = 0.1  # nats: an estimate this close to log(B) is reported with a warning
@@ -110,5 +110,5 @@ class InfoNCE(CriticEstimator):
             warnings.warn(
                 f"InfoNCE estimate {value:.3f} nats is within {CEILING_MARGIN} of its ceiling log(block size) = "
                 f"{ceiling:.3f}: the true I(X;Z) may be far higher. Use larger blocks (batch_size) or a DV-type "
-                f"estimator (smile, mine)", stacklevel=2)
+                f"estimator (smile, mine)", CeilingWarning, stacklevel=2)
         return MIEstimate(value, se)
