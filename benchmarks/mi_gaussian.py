@@ -74,6 +74,7 @@ FIXED_PEERS = PEERS + ("js", "nwj", "flo", "doe")
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mi_gaussian.md"
 FIXED_OUT = ROOT / "benchmarks" / "results" / "mi_gaussian_fixed.md"
 FIXED_N, FIXED_HELD_OUT = 20_000, 0.2  # samples per dataset; the share held out (ib.estimate_mi's default)
+FIXED_TEST = int(round(FIXED_HELD_OUT * FIXED_N))  # held-out samples, as ib.estimate_mi rounds them
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def fixed_peer(name: str, x: torch.Tensor, y: torch.Tensor, steps: int, seed: in
     from torch_mist import estimate_mi as mist_estimate_mi
 
     perm = torch.randperm(FIXED_N, generator=torch.Generator().manual_seed(seed))  # ib.estimate_mi's split
-    n_train = FIXED_N - int(round(FIXED_HELD_OUT * FIXED_N))
+    n_train = FIXED_N - FIXED_TEST
     train, test = perm[:n_train], perm[n_train:]
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -323,6 +324,13 @@ def fixed_protocol(args: argparse.Namespace, peers: Sequence[str], log: Callable
     return cache
 
 
+def _seed_cells(cache: Dict[str, Dict], args: argparse.Namespace, variant: str, level: float, library: str,
+                name: str) -> List[Dict]:
+    """The cached cells of one (variant, level, library, estimator), one per seed done."""
+    return [cache[k] for seed in range(args.seeds)
+            if (k := cell_key(variant, level, seed, library, name, args.steps)) in cache]
+
+
 def _best_cell(best: Optional[tuple[float, str]]) -> str:
     return "-" if best is None else f"{best[0]:.2f} ({best[1]})"
 
@@ -333,7 +341,6 @@ def _widths(hidden: Sequence[int]) -> str:
 
 def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str, Dict], command: str) -> str:
     labels = [("ib", n) for n in args.estimators] + [("torch-mist", n) for n in peers]
-    n_test = int(round(FIXED_HELD_OUT * FIXED_N))
     lines = [
         "# `estimate_mi` on correlated Gaussians: ours against torch-mist's, one fixed dataset per cell",
         "",
@@ -352,8 +359,8 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
         "- cells: estimate in nats, mean ± sd over seeds (n = the seeds done). `s/1k steps`: the whole call "
         "(training and held-out evaluation) per 1,000 steps, mean over cells. Lower bounds: every estimator but "
         "smile (whose clipped report is not one; see benchmarks/results/report_bias.md). A distribution-free "
-        f"lower bound from N = {n_test:,} held-out samples cannot certify much more than log N = "
-        f"{math.log(n_test):.2f} nats with high confidence (McAllester & Stratos, AISTATS 2020), so the levels "
+        f"lower bound from N = {FIXED_TEST:,} held-out samples cannot certify much more than log N = "
+        f"{math.log(FIXED_TEST):.2f} nats with high confidence (McAllester & Stratos, AISTATS 2020), so the levels "
         "above it test what a bound can read, not only how well a critic trains. Each variant's last table: the "
         "standard errors of our held-out reports (jackknife over those samples).",
         "",
@@ -366,8 +373,7 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
         for library, name in labels:
             cells, secs = [], []
             for level in args.levels:
-                rec = [cache[k] for seed in range(args.seeds)
-                       if (k := cell_key(variant, level, seed, library, name, args.steps)) in cache]
+                rec = _seed_cells(cache, args, variant, level, library, name)
                 vals = [r["value"] for r in rec]
                 secs += [r["seconds"] for r in rec]
                 if vals:
@@ -393,8 +399,7 @@ def fixed_report(args: argparse.Namespace, peers: Sequence[str], cache: Dict[str
         for name in args.estimators:
             cells = []
             for level in args.levels:
-                ses = [cache[k]["se"] for seed in range(args.seeds)
-                       if (k := cell_key(variant, level, seed, "ib", name, args.steps)) in cache]
+                ses = [r["se"] for r in _seed_cells(cache, args, variant, level, "ib", name)]
                 cells.append(f"{statistics.fmean(ses):.2f} ({max(ses):.2f})" if ses else "-")
             lines.append(f"| ib {name} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -46,6 +46,9 @@ JACKKNIFE_GROUPS = 20  # groups of held-out samples for an estimate's standard e
 REPORT_PAIRS = 8192
 
 
+CEILING_MARGIN = 0.1  # nats: an estimate this close to its ceiling (or above it) is reported with a CeilingWarning
+
+
 class CeilingWarning(UserWarning):
     """An estimate reads at (or above) the most its samples can show: log of InfoNCE's block size, or for a held-out
     report `estimate_mi`'s log N. Filter it by category (`warnings.simplefilter("ignore", CeilingWarning)`)."""

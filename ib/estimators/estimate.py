@@ -11,8 +11,7 @@ from torch import Tensor
 
 from ib.allocator import prime_allocator
 from ib.errors import ConfigError
-from ib.estimators.base import ESTIMATORS, CeilingWarning, MIEstimate, MIEstimator
-from ib.estimators.infonce import CEILING_MARGIN
+from ib.estimators.base import CEILING_MARGIN, ESTIMATORS, CeilingWarning, MIEstimate, MIEstimator
 from ib.estimators.population import CriticPopulation
 from ib.models.critics import CRITICS
 from ib.modes import rng_devices, seeded

@@ -17,10 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ib import distributed
-from ib.estimators.base import ESTIMATORS, CeilingWarning, CriticEstimator, MIEstimate, jackknife_se
+from ib.estimators.base import (CEILING_MARGIN, ESTIMATORS, CeilingWarning, CriticEstimator, MIEstimate,
+                                jackknife_se)
 from ib.models.bottlenecks import Code
-
-CEILING_MARGIN = 0.1  # nats: an estimate this close to log(B) is reported with a warning
 
 
 def infonce_terms(s: Tensor, offset: int = 0) -> Tensor:
